@@ -1,0 +1,265 @@
+"""SASQ: quantization-aware training of static activation scales only (Mao, Chen, Kang; arXiv 2512.14481).
+
+Read top to bottom, this file is the method:
+  1. the rounding straight-through estimator and the integer grid;
+  2. a quantization point (ActQuantizer): soft truncation c*tanh(x/c), then static codes round(x/s);
+  3. QuantLinear: the per-input-channel scale folded into the weight, so that the fake-quant graph
+     is exactly an int8 x int8 GEMM with one float scale per output column;
+  4. attach/detach to a model.Transformer at four points per layer;
+  5. PTQ calibration (the initial scales), freezing for inference, saving and loading.
+Weights stay frozen throughout; only log-scales and log-thresholds are trained (train.py).
+"""
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------- 1. rounding and the grid
+
+class RoundSTE(torch.autograd.Function):
+    """Forward: round to nearest (ties to even). Backward: identity, d round(v)/dv := 1 (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, v):
+        return torch.round(v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def quantize(x, scale, bits: int):
+    """Integer codes clamp(round(x / s), -qmax-1, qmax), held in a float tensor.
+
+    round passes the gradient straight through; clamp passes it only inside the range. Hence, with
+    x_hat = s * codes, autograd yields LSQ's d x_hat / d s = round(x/s) - x/s inside, and -qmax-1 or
+    qmax outside, without a hand-written backward.
+    """
+    return RoundSTE.apply(x / scale).clamp(-qmax(bits) - 1, qmax(bits))
+
+
+def quantize_weight(w, bits):
+    """Per-output-channel absmax RTN: w (out, in) -> (integer codes (out, in), scales (out,))."""
+    if bits is None:
+        return w, None
+    sw = w.abs().amax(dim=1).clamp(min=1e-12) / qmax(bits)      # (out,)
+    return RoundSTE.apply(w / sw[:, None]), sw                 # |w / sw| <= qmax: no clamp needed
+
+
+# --------------------------------------------------------------------------- 2. a quantization point
+
+@dataclass
+class QuantConfig:
+    wbits: int | None = 8          # None: weights stay float
+    abits: int | None = 8          # None: activations stay float (the "W8 only" baseline)
+    act: str = "static"            # static (SASQ, PTQ) | dynamic (per-token absmax at run time)
+    per_channel: bool = True       # static scales per input channel, or one per tensor
+    truncation: bool = True        # learnable c * tanh(x / c) at the attention and FFN inputs
+
+    def __post_init__(self):
+        for b in (self.wbits, self.abits):
+            if b is not None and not 2 <= b <= 8:
+                raise ValueError(f"bits must be in 2..8, got {b}")
+        if self.act not in ("static", "dynamic"):
+            raise ValueError(f"act must be 'static' or 'dynamic', got {self.act!r}")
+
+
+class ActQuantizer(nn.Module):
+    """Quantizes one activation tensor (..., dim). Returns (codes, scale); scale is
+    (dim,) or (1,) for static scales, (..., 1) per token for dynamic ones, None when off."""
+
+    def __init__(self, dim: int, cfg: QuantConfig, truncate: bool):
+        super().__init__()
+        self.bits, self.mode = cfg.abits, cfg.act
+        self.log_scale = nn.Parameter(torch.zeros(dim if cfg.per_channel else 1))
+        # thresholds start out of reach (identity); calibrate() sets them from the data
+        use_c = truncate and cfg.truncation and cfg.act == "static" and cfg.abits is not None
+        self.log_c = nn.Parameter(torch.full((dim,), math.log(1e4))) if use_c else None
+        self.observed = None           # per-channel absmax of each calibration batch, when observing
+
+    def truncate(self, x):
+        """Adaptive non-linear truncation: ~identity where |x| << c, squeezes outliers towards +-c."""
+        if self.log_c is None:
+            return x
+        c = self.log_c.exp()
+        return c * torch.tanh(x / c)
+
+    def forward(self, x):
+        if self.observed is not None:                         # PTQ calibration: record, do not quantize
+            self.observed.append(x.detach().abs().flatten(0, -2).amax(0).float())
+            return x, None
+        if self.bits is None:
+            return x, None
+        x = self.truncate(x)
+        if self.mode == "dynamic":                            # a max over channels, every token, at run time
+            s = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / qmax(self.bits)
+        else:                                                 # static: fixed before inference
+            s = self.log_scale.exp()
+        return quantize(x, s, self.bits), s
+
+
+# --------------------------------------------------------------------------- 3. the quantized linear
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T computed as (x / s) @ (W * s).T with both factors on an integer grid.
+
+    codes (..., in) x weight codes (out, in) -> integer sums; times the per-column weight scale
+    (and the per-token scale when dynamic). A static scale never reaches the output: it lives in W * s.
+    """
+
+    def __init__(self, linear: nn.Linear, act: ActQuantizer, wbits):
+        super().__init__()
+        self.linear, self.act, self.wbits = linear, act, wbits
+        self.frozen = None             # cached (weight codes, weight scales) once scales are final
+
+    def weight_codes(self):
+        if self.frozen is not None:
+            return self.frozen
+        w = self.linear.weight
+        if self.act.mode == "static" and self.act.bits is not None:
+            w = w * self.act.log_scale.exp()                  # fold s into the input columns of W
+        wq, sw = quantize_weight(w, self.wbits)
+        return wq.to(self.linear.weight.dtype), sw       # codes <= 127 are exact in bf16 too
+
+    def forward(self, x):
+        q, s = self.act(x)
+        if s is None and self.act.observed is not None:       # calibrating: the float layer
+            return self.linear(x)
+        wq, sw = self.weight_codes()
+        y = F.linear(q.to(wq.dtype), wq)                      # the int8 GEMM (exact in fp32 accumulation)
+        if sw is not None:
+            y = y * sw.to(y.dtype)
+        if self.act.mode == "dynamic" and s is not None:
+            y = y * s.to(y.dtype)
+        return y
+
+
+# --------------------------------------------------------------------------- 4. attach / detach
+
+# The four quantization points per decoder layer: (sub-module, linears that read the activation, truncated?)
+POINTS = {"attn": ("attention", ("wq", "wk", "wv"), True),       # after attention_norm
+          "wo":   ("attention", ("wo",), False),
+          "ffn":  ("feed_forward", ("w1", "w3"), True),          # after ffn_norm
+          "w2":   ("feed_forward", ("w2",), False)}
+
+
+def attach(model, cfg: QuantConfig) -> nn.ModuleList:
+    """Swap the decoder's linears for QuantLinears; returns the quantizers, quantizers[layer][point]."""
+    quantizers = nn.ModuleList()
+    for layer in model.layers:
+        qs = nn.ModuleDict()
+        for point, (sub, names, trunc) in POINTS.items():
+            parent = getattr(layer, sub)
+            qs[point] = ActQuantizer(getattr(parent, names[0]).in_features, cfg, trunc)
+            for n in names:
+                setattr(parent, n, QuantLinear(getattr(parent, n), qs[point], cfg.wbits))
+        quantizers.append(qs)
+    p = next(model.parameters())
+    return quantizers.to(device=p.device)   # scales stay fp32 whatever the model's dtype
+
+
+def detach(model):
+    """Restore the original nn.Linears (the weights were never touched)."""
+    for layer in model.layers:
+        for sub, names, _ in POINTS.values():
+            parent = getattr(layer, sub)
+            for n in names:
+                if isinstance(getattr(parent, n), QuantLinear):
+                    setattr(parent, n, getattr(parent, n).linear)
+    return model
+
+
+def quant_linears(model):
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+def freeze(model, on: bool = True):
+    """Stage 3: cache the weight codes (scales are final) so inference does no per-call weight work."""
+    with torch.no_grad():
+        for m in quant_linears(model):
+            m.frozen = None
+            if on:
+                m.frozen = m.weight_codes()
+
+
+# --------------------------------------------------------------------------- 5. PTQ initialisation
+
+@torch.no_grad()
+def calibrate(model, quantizers, wins, batch_size=1, method="mean", trunc_mult=4.0, progress=True):
+    """Initial static scales from calibration windows: per channel, `mean` (or `max`) over batches of
+    the batch's absmax, divided by qmax. Truncation thresholds start at trunc_mult x the absmax."""
+    from tqdm import tqdm
+    qlist = [q for qs in quantizers for q in qs.values()]
+    for q in qlist:
+        q.observed = []
+    device = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, len(wins), batch_size), desc="calibrate", disable=not progress, leave=False):
+            model(wins[i:i + batch_size].to(device))
+    finally:
+        stats = [torch.stack(q.observed) for q in qlist]    # (calls, dim); shared points log one row per reader
+        for q in qlist:
+            q.observed = None
+    for q, a in zip(qlist, stats):
+        if q.log_c is not None:
+            q.log_c.copy_((trunc_mult * a.amax(0).clamp(min=1e-6)).log())
+        if q.log_scale.numel() == 1:
+            a = a.amax(-1, keepdim=True)                        # per tensor: the batch's overall absmax
+        init = a.mean(0) if method == "mean" else a.amax(0)
+        q.log_scale.copy_((init.clamp(min=1e-6) / qmax(q.bits or 8)).log())
+
+
+# --------------------------------------------------------------------------- saving and loading
+
+class ScalesError(Exception):
+    """A scales file that is unreadable or belongs to another model / configuration."""
+
+
+def fingerprint(model) -> str:
+    """A short id of the weights: config + a few tensors rounded to bf16 (same for fp32 and bf16 loads)."""
+    h = hashlib.sha256(json.dumps(asdict(model.args), sort_keys=True).encode())
+    for t in (model.norm.weight, model.layers[-1].ffn_norm.weight, model.tok_embeddings.weight[:4]):
+        h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None):
+    """Write scales and thresholds (safetensors) with the config and the model's fingerprint; atomically."""
+    import os
+    from safetensors.torch import save_file
+    meta = {"config": json.dumps(asdict(cfg)), "fingerprint": fingerprint(model),
+            "extra": json.dumps(extra or {})}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in quantizers.state_dict().items()}
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load(path, model):
+    """Attach quantizers to `model` with the scales stored in `path`; refuses a file for another model."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        cfg = QuantConfig(**json.loads(meta["config"]))
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ScalesError(f"{path}: not a readable scales file ({type(e).__name__}: {str(e)[:100]})") from None
+    if meta.get("fingerprint") != fingerprint(model):
+        raise ScalesError(f"{path}: these scales belong to another model (fingerprint "
+                          f"{meta.get('fingerprint')}, this model is {fingerprint(model)})")
+    quantizers = attach(model, cfg)
+    try:
+        quantizers.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        detach(model)
+        raise ScalesError(f"{path}: scales do not fit this model ({' '.join(str(e).split())[:200]})") from None
+    return quantizers, cfg
