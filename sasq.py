@@ -203,7 +203,7 @@ def calibrate(model, quantizers, wins, batch_size=1, method="mean", trunc_mult=4
         q.observed = []
     device = next(model.parameters()).device
     try:
-        for i in tqdm(range(0, len(wins), batch_size), desc="calibrate", disable=not progress, leave=False):
+        for i in tqdm(range(0, len(wins), batch_size), desc="calibrate", disable=None if progress else True, leave=False):
             model(wins[i:i + batch_size].to(device))
     finally:
         stats = [torch.stack(q.observed) for q in qlist]    # (calls, dim); shared points log one row per reader

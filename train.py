@@ -32,10 +32,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=5e-3, help="Adam lr on log-scales (cosine decay to 0)")
+    p.add_argument("--lr", type=float, default=2e-2, help="Adam lr on log-scales (cosine decay to 0)")
     p.add_argument("--calib-windows", type=int, default=32, help="windows for the PTQ initialisation")
     p.add_argument("--heldout", type=int, default=8, help="last windows of --calib kept for evaluation")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (7B on one GPU)")
+    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the blocks (GPU only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -44,14 +45,15 @@ def parse_args(argv=None):
 
 
 def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device="cpu", progress=True):
-    """Adam + cosine decay on the quantizers' parameters only; returns the loss of every step."""
+    """Adam + cosine decay on the quantizers' parameters only; returns the loss of every step and the
+    seconds of the first step (which includes torch.compile's work when the blocks are compiled)."""
     params = list(quantizers.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
-    losses = []
-    bar = tqdm(range(steps), desc="train scales", disable=not progress)
+    losses, t0, first = [], time.time(), None
+    bar = tqdm(range(steps), desc="train scales", disable=None if progress else True)
     for _ in bar:
         x = wins[torch.randint(len(wins), (batch_size,), generator=gen)].to(device)
         with autocast:
@@ -61,10 +63,11 @@ def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device=
         opt.step()
         sched.step()
         losses.append(loss.item())
+        first = first or time.time() - t0
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     # the method's contract: the pretrained weights neither receive gradients nor change
     assert all(p.grad is None for p in model.parameters() if not any(p is q for q in params))
-    return losses
+    return losses, first
 
 
 def main(argv=None):
@@ -87,15 +90,18 @@ def main(argv=None):
     sasq.freeze(model)
     ptq_ppl = data.perplexity(model, held, device=a.device)
     sasq.freeze(model, False)
+    if a.device.startswith("cuda") and not a.no_compile:
+        for layer in model.layers:   # identical blocks share one compiled graph; the first steps compile
+            layer.compile()
     t0 = time.time()
-    losses = train_scales(model, quantizers, train_wins, a.steps, a.batch_size, a.lr, a.seed, a.device)
+    losses, first = train_scales(model, quantizers, train_wins, a.steps, a.batch_size, a.lr, a.seed, a.device)
     secs = time.time() - t0
     sasq.freeze(model)
     sasq_ppl = data.perplexity(model, held, device=a.device)
     tokens = a.steps * a.batch_size * (a.seq_len - 1)
     print(f"held-out perplexity ({a.heldout} windows of {a.seq_len}): fp {fp_ppl:.3f} | "
           f"PTQ init {ptq_ppl:.3f} | SASQ {sasq_ppl:.3f}")
-    print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s (first step {first:.1f} s); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     sasq.save(a.out, model, quantizers, cfg, extra={"steps": a.steps, "tokens": tokens, "seconds": secs,
                                                    "calib": a.calib, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl})
     print(f"scales saved to {a.out}")
