@@ -40,13 +40,14 @@ def parse_args(argv=None):
     p.add_argument("--wbits", type=int, default=8)
     p.add_argument("--abits", type=int, default=8)
     p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text for the static baselines")
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--calib-windows", type=int, default=16, help="as train.py's PTQ initialisation")
+    p.add_argument("--calib-seq-len", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--limit", type=int, default=None, help="only the first N windows")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default 8 on GPU, 1 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--prompt", default=None, help="print a greedy completion of this prompt (fp model)")
     return p.parse_args(argv)
@@ -72,7 +73,9 @@ def attach_mode(model, tok, mode, a):
 
 def main(argv=None):
     a = parse_args(argv)
-    a.batch_size = a.batch_size or (8 if a.device.startswith("cuda") else 1)
+    gpu = a.device.startswith("cuda")
+    a.batch_size = a.batch_size or (8 if gpu else 1)
+    a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
     modes = [m for m in a.modes.split(",") if m] + a.scales
     bad = [m for m in modes if m not in ("fp", *BASELINES) and m not in a.scales]
     if bad:

@@ -302,8 +302,12 @@ def _load_pth(path):
 
 
 def _load_safetensors(path):
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    return load_file(path)   # memory-mapped
+    try:
+        return load_file(path)   # memory-mapped
+    except SafetensorError as e:
+        raise ValueError(str(e)) from None
 
 
 def read_meta(folder):

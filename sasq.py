@@ -246,12 +246,12 @@ def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None):
 
 def load(path, model):
     """Attach quantizers to `model` with the scales stored in `path`; refuses a file for another model."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(path, framework="pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         cfg = QuantConfig(**json.loads(meta["config"]))
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise ScalesError(f"{path}: not a readable scales file ({type(e).__name__}: {str(e)[:100]})") from None
     if meta.get("fingerprint") != fingerprint(model):
         raise ScalesError(f"{path}: these scales belong to another model (fingerprint "
