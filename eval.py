@@ -59,7 +59,8 @@ def attach_mode(model, tok, mode, a):
         return "fp"
     if mode.endswith(".safetensors") or os.path.exists(mode):
         _, cfg = sasq.load(mode, model)
-        label = f"SASQ W{cfg.wbits}A{cfg.abits}" + ("" if cfg.truncation else " (no truncation)")
+        label = f"SASQ W{cfg.wbits}A{cfg.abits}" + ("" if cfg.truncation else " no truncation") + \
+            f" [{os.path.basename(mode)}]"
     else:
         make, init, label = BASELINES[mode]
         qs = sasq.attach(model, make(a.wbits, a.abits))

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Produces the README's results table: every baseline and SASQ variant, on the same windows.
-#   bash results.sh OUTDIR [CKPT] [WIKITEXT]      (on the H100: about 8 minutes for SmolLM2-135M)
+#   bash results.sh OUTDIR [CKPT] [WIKITEXT] [train|eval|all]   (H100: about 8 minutes for SmolLM2-135M)
 # WIKITEXT is the hub id `wikitext` or a local folder in its layout. Calibration and training use the
 # tokenized wikitext-2-v1 validation split (the raw train split is not on our machines; with the hub,
 # pass CALIB=wikitext:wikitext-2-raw-v1:train).
 set -euo pipefail
-out=${1:?usage: bash results.sh OUTDIR [CKPT] [WIKITEXT]}; ckpt=${2:-smollm2-135m}; wt=${3:-wikitext}
+out=${1:?usage: bash results.sh OUTDIR [CKPT] [WIKITEXT] [train|eval|all]}
+ckpt=${2:-smollm2-135m}; wt=${3:-wikitext}; stage=${4:-all}
 calib=${CALIB:-$wt:wikitext-2-v1:validation}; test=$wt:wikitext-2-raw-v1:test
 mkdir -p "$out"
 run() {  # name, then train.py arguments
@@ -13,6 +14,7 @@ run() {  # name, then train.py arguments
   echo "== $name: $*"
   python3 train.py --ckpt "$ckpt" --calib "$calib" --out "$out/$name.safetensors" --force "$@"
 }
+if [ "$stage" != eval ]; then
 for init in mean max; do
   run "w8a8-$init" --init $init
   run "w8a8-$init-notrunc" --init $init --no-truncation
@@ -20,6 +22,8 @@ for init in mean max; do
   run "w8a4-$init" --init $init --abits 4
 done
 run "w8a8-max-lr5e-3" --init max --lr 5e-3
+fi
+[ "$stage" = train ] && exit 0
 python3 eval.py --ckpt "$ckpt" --test "$test" --test hamlet --calib "$calib" \
   --modes fp,w8,dynamic,static-tensor,static-channel --json "$out/results.json" \
   $(for f in "$out"/w8a*.safetensors; do echo --scales "$f"; done)
