@@ -27,7 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--wbits", type=int, default=8)
     p.add_argument("--abits", type=int, default=8)
     p.add_argument("--no-truncation", action="store_true", help="ablation: no c*tanh(x/c) truncation")
-    p.add_argument("--init", choices=("mean", "max"), default="mean", help="PTQ init of the scales")
+    p.add_argument("--init", choices=("mean", "max"), default="max",
+                   help="PTQ init: max or (the paper's) mean over batches of the per-channel absmax")
     p.add_argument("--trunc-mult", type=float, default=4.0, help="initial threshold c = this x calib absmax")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
