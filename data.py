@@ -65,6 +65,11 @@ def windows(ids, seq_len: int, limit: int | None = None) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def check_seq_len(model, seq_len):
+    if seq_len > model.args.max_seq_len:
+        raise DataError(f"seq-len {seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
+
+
 def token_windows(tokenizer, spec: str, seq_len: int, limit: int | None = None) -> torch.Tensor:
     """The whole protocol up to the model: load, join, tokenize once (BOS as the tokenizer wants), window."""
     return windows(tokenizer.encode(load_text(spec)), seq_len, limit)
@@ -81,3 +86,24 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 1, device="cpu", pro
                                                  reduction="sum").item()
         count += x[:, 1:].numel()
     return math.exp(nll / count)
+
+
+# --------------------------------------------------------------------------- usage checks the scripts share
+
+def check_args(parser, a):
+    """Reject bad command lines before any loading: one line on stderr, exit status 2."""
+    def error(msg):
+        parser.exit(2, f"{parser.prog}: error: {msg}\n")
+    if getattr(a, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        error(f"--device {a.device}: no CUDA GPU is visible here; use --device cpu")
+    for name in ("wbits", "abits"):
+        bits = getattr(a, name, None)
+        if bits is not None and not 2 <= bits <= 8:
+            error(f"--{name} must be in 2..8, got {bits}")
+    for name in ("seq_len", "calib_seq_len"):
+        if getattr(a, name, 2) < 2:
+            error(f"--{name.replace('_', '-')} must be at least 2")
+    scales = getattr(a, "scales", None) or []
+    for path in [scales] if isinstance(scales, str) else scales:
+        if not os.path.isfile(path):
+            error(f"--scales {path}: no such file")

@@ -50,7 +50,10 @@ def parse_args(argv=None):
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--prompt", default=None, help="print a greedy completion of this prompt (fp model)")
-    return p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    a = p.parse_args(argv)
+    data.check_args(p, a)
+    return a
 
 
 def attach_mode(model, tok, mode, a):
@@ -82,6 +85,7 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"error: unknown mode(s) {', '.join(bad)}; choose from fp, {', '.join(BASELINES)}")
     model, tok = llama.load(a.ckpt, a.device, getattr(torch, a.dtype))
+    data.check_seq_len(model, a.seq_len)
     if a.prompt:
         out = model.generate(torch.tensor([tok.encode(a.prompt)], device=a.device), 32, tok.eos_id)
         print(repr(tok.decode(out[0].tolist())))
@@ -119,4 +123,9 @@ def markdown_table(rows, tests):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        main()
+    except (llama.CheckpointError, data.DataError, sasq.ScalesError, ValueError) as e:
+        if "--debug" in sys.argv:
+            raise
+        sys.exit(f"error: {e}")   # one line on stderr, exit status 1

@@ -42,7 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    a = p.parse_args(argv)
+    data.check_args(p, a)
+    return a
 
 
 def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device="cpu", progress=True):
@@ -78,6 +81,7 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     torch.manual_seed(a.seed)
     model, tok = llama.load(a.ckpt, a.device, dtype)
+    data.check_seq_len(model, a.seq_len)
     model.checkpointing = a.checkpointing
     wins = data.token_windows(tok, a.calib, a.seq_len)
     if len(wins) <= a.heldout:
@@ -109,4 +113,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        main()
+    except (llama.CheckpointError, data.DataError, sasq.ScalesError, ValueError) as e:
+        if "--debug" in sys.argv:
+            raise
+        sys.exit(f"error: {e}")   # one line on stderr, exit status 1

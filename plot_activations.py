@@ -1,0 +1,194 @@
+"""See the outliers that make static quantization hard, and what SASQ's truncation and clipping do to them.
+
+    python plot_activations.py                                      # PTQ-initialised thresholds, CPU, ~1 min
+    python plot_activations.py --ckpt llama-2-7b --scales scales.safetensors --device cuda
+
+For each chosen layer and quantization point: a histogram of activation values (log counts) before and
+after truncation + clipping, with the clip thresholds drawn, and the per-channel absmax (channels on x).
+One summary across depth: max |x| and the 99.9th percentile per layer, before and after.
+"Before" is the quantizer's input x; "after" is what the integer GEMM sees, s * round(trunc(x) / s).
+"""
+import argparse
+import os
+import sys
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import model as llama  # noqa: E402
+import sasq  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {llama.DEFAULT_CKPT})")
+    p.add_argument("--scales", default=None, help="trained scales from train.py (default: PTQ init only)")
+    p.add_argument("--text", default=data.TEST, help="text whose activations are shown (default %(default)s)")
+    p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text when --scales is not given")
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: four across depth)")
+    p.add_argument("--points", default=",".join(sasq.POINTS), help="subset of %(default)s")
+    p.add_argument("--out", default="plots", help="folder for the PNGs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    a = p.parse_args(argv)
+    data.check_args(p, a)
+    return a
+
+
+# --------------------------------------------------------------------------- capture and statistics
+
+def capture(model, quantizers, wins, keep, device="cpu"):
+    """Run the quantized model over `wins`. Returns ({(layer, point): x (tokens, channels)} for layers in
+    `keep`, and per-window depth statistics {(layer, point): [(max|x|, p99.9|x|, max|x^|, p99.9|x^|)]})."""
+    acts, depth, seen, hooks = {}, {}, set(), []
+    for i, qs in enumerate(quantizers):
+        for point, q in qs.items():
+            def hook(mod, args, key=(i, point)):
+                if key in seen:          # a shared point fires once per reading linear: keep one copy
+                    return
+                seen.add(key)
+                x = args[0].detach().flatten(0, -2).float()
+                if key[0] in keep:
+                    acts.setdefault(key, []).append(x.cpu())
+                xa = after(mod, x)
+                depth.setdefault(key, []).append((x.abs().max().item(), p999(x), xa.abs().max().item(), p999(xa)))
+            hooks.append(q.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for w in wins:
+                seen.clear()
+                model(w[None].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in acts.items()}, depth
+
+
+def p999(x):
+    """99.9th percentile of |x| (kthvalue: torch.quantile refuses tensors over 16M elements)."""
+    flat = x.abs().flatten()
+    return flat.kthvalue(max(1, int(0.999 * flat.numel()))).values.item()
+
+
+def after(q, x):
+    """What the integer GEMM sees, in float: s * codes, codes = clamp(round(trunc(x) / s))."""
+    with torch.no_grad():
+        codes, s = q.forward(x.to(q.log_scale.device))    # .forward: do not re-enter the capture hook
+        return codes * s
+
+
+def point_stats(q, x):
+    """Fraction of values on the clip (codes at the grid's ends) and the drop of max |x|."""
+    with torch.no_grad():
+        t = q.truncate(x.to(q.log_scale.device)) / q.log_scale.exp()
+        clipped = ((t > sasq.qmax(q.bits)) | (t < -sasq.qmax(q.bits) - 1)).float().mean().item()
+    xa = after(q, x).cpu()
+    return {"clipped": clipped, "max_before": x.abs().max().item(), "max_after": xa.abs().max().item(),
+            "max_reduction": 1 - xa.abs().max().item() / x.abs().max().item()}
+
+
+# --------------------------------------------------------------------------- figures
+
+def thresholds(q):
+    """Per-channel clip threshold qmax * s (broadcast to channels), and the truncation c if any."""
+    clip = (sasq.qmax(q.bits) * q.log_scale.exp()).detach().float().cpu()
+    c = q.log_c.exp().detach().float().cpu() if q.log_c is not None else None
+    return clip, c
+
+
+def plot_point(path, title, q, x):
+    xa = after(q, x).cpu()
+    clip, c = thresholds(q)
+    fig, (h, ch) = plt.subplots(1, 2, figsize=(12, 4))
+    lim = x.abs().max().item()
+    bins = torch.linspace(-lim, lim, 201).numpy()
+    h.hist(x.flatten().numpy(), bins=bins, alpha=0.6, label="before (fp input)")
+    h.hist(xa.flatten().numpy(), bins=bins, alpha=0.6, label="after (truncate + clip + round)")
+    for v, style in ((clip.max().item(), "--"), (clip.median().item(), ":")):
+        h.axvline(v, color="k", ls=style)
+        h.axvline(-v, color="k", ls=style)
+    h.set_yscale("log")
+    h.set(title=f"{title}: values (dashed: max clip, dotted: median clip)", xlabel="activation", ylabel="count")
+    h.legend(fontsize=8)
+    n = x.shape[1]
+    ch.plot(x.abs().amax(0).numpy(), lw=0.8, label="absmax before")
+    ch.plot(xa.abs().amax(0).numpy(), lw=0.8, label="absmax after")
+    ch.plot(clip.expand(n).numpy(), "k--", lw=0.6, label="clip qmax*s")
+    if c is not None:
+        ch.plot(c.numpy(), "r:", lw=0.6, label="truncation c")
+    ch.set_yscale("log")
+    ch.set(title=f"{title}: per-channel absmax", xlabel="channel", ylabel="|x|")
+    ch.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_depth(path, depth, points, label):
+    fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 3.5), squeeze=False)
+    for ax, point in zip(axes[0], points):
+        layers = sorted(i for i, p in depth if p == point)
+        stats = torch.tensor([[max(r[0] for r in depth[i, point]), sum(r[1] for r in depth[i, point]) / len(depth[i, point]),
+                               max(r[2] for r in depth[i, point]), sum(r[3] for r in depth[i, point]) / len(depth[i, point])]
+                              for i in layers])
+        for col, name, style in ((0, "max |x| fp", "C0-"), (1, "p99.9 fp", "C0:"),
+                                 (2, f"max |x| {label}", "C1-"), (3, f"p99.9 {label}", "C1:")):
+            ax.plot(layers, stats[:, col].numpy(), style, label=name)
+        ax.set_yscale("log")
+        ax.set(title=point, xlabel="layer")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None):
+    a = parse_args(argv)
+    points = [p for p in a.points.split(",") if p]
+    if any(p not in sasq.POINTS for p in points):
+        raise SystemExit(f"error: --points must be a subset of {','.join(sasq.POINTS)}")
+    model, tok = llama.load(a.ckpt, a.device)
+    data.check_seq_len(model, a.seq_len)
+    n = model.args.n_layers
+    layers = sorted({int(v) for v in a.layers.split(",")}) if a.layers else sorted({0, n // 3, 2 * n // 3, n - 1})
+    if any(not 0 <= i < n for i in layers):
+        raise SystemExit(f"error: --layers must be in 0..{n - 1}")
+    if a.scales:
+        quantizers, _ = sasq.load(a.scales, model)
+        label = "SASQ"
+    else:
+        quantizers = sasq.attach(model, sasq.QuantConfig())
+        sasq.calibrate(model, quantizers, data.token_windows(tok, a.calib, a.seq_len, 8), batch_size=4)
+        label = "PTQ init"
+    acts, depth = capture(model, quantizers, data.token_windows(tok, a.text, a.seq_len, a.windows), set(layers), a.device)
+    os.makedirs(a.out, exist_ok=True)
+    paths, stats = [], {}
+    print(f"{'layer':>5} {'point':>5} {'clipped':>9} {'max|x|':>9} {'after':>9} {'max drop':>9}")
+    for i in layers:
+        for point in points:
+            q, x = quantizers[i][point], acts[i, point]
+            st = stats[i, point] = point_stats(q, x)
+            print(f"{i:>5} {point:>5} {st['clipped']:>9.3%} {st['max_before']:>9.2f} {st['max_after']:>9.2f} "
+                  f"{st['max_reduction']:>9.1%}")
+            paths.append(os.path.join(a.out, f"layer{i:02d}_{point}.png"))
+            plot_point(paths[-1], f"layer {i} {point} ({label})", q, x)
+    paths.append(os.path.join(a.out, "depth.png"))
+    plot_depth(paths[-1], depth, points, label)
+    print("\n".join(["wrote:", *paths]))
+    return stats, acts, quantizers, paths
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (llama.CheckpointError, data.DataError, sasq.ScalesError, ValueError) as e:
+        if "--debug" in sys.argv:
+            raise
+        sys.exit(f"error: {e}")   # one line on stderr, exit status 1
