@@ -6,6 +6,7 @@
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 
@@ -42,73 +43,139 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint the trainable state every N steps")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.state.pt")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     data.check_args(p, a)
     return a
 
 
-def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device="cpu", progress=True):
+class Stopped(Exception):
+    """Training ended early; the message says why, and what was kept."""
+
+
+class StopOnSignal:
+    """Turn SIGINT/SIGTERM into a flag, so the loop can finish its step, checkpoint and stop cleanly."""
+
+    def __enter__(self):
+        self.flag, self.old = None, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.old:
+            signal.signal(s, lambda signum, frame: setattr(self, "flag", signal.Signals(signum).name))
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def save_state(path, step, quantizers, opt, sched, gen, losses):
+    """Everything needed to resume: trainable tensors, optimizer, schedule, sampler RNG (atomic write)."""
+    state = {"step": step, "quantizers": quantizers.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "gen": gen.get_state(), "losses": losses}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device="cpu", progress=True,
+                 state_path=None, save_every=0, resume=False):
     """Adam + cosine decay on the quantizers' parameters only; returns the loss of every step and the
-    seconds of the first step (which includes torch.compile's work when the blocks are compiled)."""
+    seconds of the first step (which includes torch.compile's work when the blocks are compiled).
+    A non-finite loss or scale restores the previous step's scales and raises Stopped; so does a
+    SIGINT/SIGTERM, after writing `state_path` for --resume."""
     params = list(quantizers.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
+    start, losses = 0, []
+    if resume:
+        st = torch.load(state_path, weights_only=True)
+        quantizers.load_state_dict(st["quantizers"]), opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
+        start, losses = st["step"], st["losses"]
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
-    losses, t0, first = [], time.time(), None
-    bar = tqdm(range(steps), desc="train scales", disable=None if progress else True)
-    for _ in bar:
-        x = wins[torch.randint(len(wins), (batch_size,), generator=gen)].to(device)
-        with autocast:
-            _, loss = model(x[:, :-1], x[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        first = first or time.time() - t0
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    t0, first = time.time(), None
+    with StopOnSignal() as stop:
+        for step in tqdm(range(start, steps), desc="train scales", disable=None if progress else True):
+            good = {k: v.clone() for k, v in quantizers.state_dict().items()}
+            x = wins[torch.randint(len(wins), (batch_size,), generator=gen)].to(device)
+            with autocast:
+                _, loss = model(x[:, :-1], x[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if not (torch.isfinite(loss) and all(torch.isfinite(p).all() for p in params)):
+                quantizers.load_state_dict(good)
+                raise Stopped(f"non-finite loss or scale at step {step}; kept the scales after step {step - 1}")
+            losses.append(loss.item())
+            first = first or time.time() - t0
+            if state_path and (stop.flag or (save_every and (step + 1) % save_every == 0)):
+                save_state(state_path, step + 1, quantizers, opt, sched, gen, losses)
+            if stop.flag:
+                raise Stopped(f"{stop.flag} after step {step + 1} of {steps}; state saved to {state_path}, "
+                              "continue with --resume")
     # the method's contract: the pretrained weights neither receive gradients nor change
     assert all(p.grad is None for p in model.parameters() if not any(p is q for q in params))
     return losses, first
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    if os.path.exists(a.out) and not a.force:
-        raise SystemExit(f"error: {a.out} exists; pass --force to overwrite it or --out elsewhere")
+def prepare(a):
+    """Load the model and cut the calibration text into training and held-back windows."""
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
-    torch.manual_seed(a.seed)
     model, tok = llama.load(a.ckpt, a.device, dtype)
     data.check_seq_len(model, a.seq_len)
     model.checkpointing = a.checkpointing
     wins = data.token_windows(tok, a.calib, a.seq_len)
     if len(wins) <= a.heldout:
-        raise SystemExit(f"error: {a.calib} gives {len(wins)} windows of {a.seq_len}, need more than --heldout={a.heldout}")
-    train_wins, held = wins[:-a.heldout], wins[-a.heldout:]
-    cfg = sasq.QuantConfig(wbits=a.wbits, abits=a.abits, truncation=not a.no_truncation)
-    fp_ppl = data.perplexity(model, held, device=a.device)
-    quantizers = sasq.attach(model, cfg)
-    sasq.calibrate(model, quantizers, train_wins[: a.calib_windows], batch_size=a.batch_size,
-                   method=a.init, trunc_mult=a.trunc_mult)
-    sasq.freeze(model)
-    ptq_ppl = data.perplexity(model, held, device=a.device)
+        raise data.DataError(f"{a.calib} gives {len(wins)} windows of {a.seq_len} tokens; "
+                             f"need more than --heldout={a.heldout}")
+    return model, wins[:-a.heldout], wins[-a.heldout:]
+
+
+def heldout_ppl(model, held, a):
+    sasq.freeze(model)                 # evaluate exactly what inference will run
+    ppl = data.perplexity(model, held, a.batch_size, a.device)
     sasq.freeze(model, False)
+    return ppl
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    state = a.out + ".state.pt"
+    if os.path.exists(a.out) and not a.force:
+        raise SystemExit(f"error: {a.out} exists; pass --force to overwrite it or --out elsewhere")
+    if a.resume and not os.path.exists(state):
+        raise SystemExit(f"error: --resume but no {state} from an interrupted run")
+    torch.manual_seed(a.seed)
+    model, train_wins, held = prepare(a)
+    cfg = sasq.QuantConfig(wbits=a.wbits, abits=a.abits, truncation=not a.no_truncation)
+    fp_ppl = data.perplexity(model, held, a.batch_size, a.device)
+    quantizers = sasq.attach(model, cfg)
+    sasq.calibrate(model, quantizers, train_wins[: a.calib_windows], a.batch_size, a.init, a.trunc_mult)
+    ptq_ppl = heldout_ppl(model, held, a)
     if a.device.startswith("cuda") and not a.no_compile:
         for layer in model.layers:   # identical blocks share one compiled graph; the first steps compile
             layer.compile()
     t0 = time.time()
-    losses, first = train_scales(model, quantizers, train_wins, a.steps, a.batch_size, a.lr, a.seed, a.device)
-    secs = time.time() - t0
-    sasq.freeze(model)
-    sasq_ppl = data.perplexity(model, held, device=a.device)
+    try:
+        losses, first = train_scales(model, quantizers, train_wins, a.steps, a.batch_size, a.lr, a.seed,
+                                     a.device, state_path=state, save_every=a.save_every, resume=a.resume)
+    except Stopped as e:
+        if "non-finite" in str(e):   # the last good scales are worth keeping
+            sasq.save(a.out, model, quantizers, cfg, extra={"stopped": str(e)})
+            raise SystemExit(f"error: {e}; those scales saved to {a.out}")
+        raise SystemExit(f"stopped: {e}")
+    secs, sasq_ppl = time.time() - t0, heldout_ppl(model, held, a)
     tokens = a.steps * a.batch_size * (a.seq_len - 1)
     print(f"held-out perplexity ({a.heldout} windows of {a.seq_len}): fp {fp_ppl:.3f} | "
           f"PTQ init {ptq_ppl:.3f} | SASQ {sasq_ppl:.3f}")
-    print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s (first step {first:.1f} s); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s (first step {first:.1f} s); "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     sasq.save(a.out, model, quantizers, cfg, extra={"steps": a.steps, "tokens": tokens, "seconds": secs,
                                                    "calib": a.calib, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl})
+    if os.path.exists(state):
+        os.remove(state)
     print(f"scales saved to {a.out}")
 
 
