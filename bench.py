@@ -63,7 +63,10 @@ def main(argv=None):
     device = "cpu" if a.tiny or not torch.cuda.is_available() else "cuda"
     shapes = SHAPES_TINY if a.tiny else SHAPES_7B
     tokens = [1, 8, 64, 2048, 8 * 2048] if not a.tiny else [1, 16]
-    compile_ = torch.compile if device == "cuda" else (lambda f: f)
+    # one compiled graph per token count: raise dynamo's recompile limit (8) above len(tokens) x shapes
+    cfg = torch._dynamo.config
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
+    compile_ = (lambda f: torch.compile(f, dynamic=False)) if device == "cuda" else (lambda f: f)
     rows = []
     print(f"{'tokens':>6} {'layer':>12} {'bf16 ms':>9} {'dyn int8':>9} {'static':>9} {'st/dyn':>7} {'st/bf16':>7}")
     for name, (k, n) in shapes.items():

@@ -3,7 +3,7 @@
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] [train|eval|all]   (H100: about 8 minutes for SmolLM2-135M)
 # WIKITEXT is the hub id `wikitext` or a local folder in its layout. Calibration and training use the
 # tokenized wikitext-2-v1 validation split (the raw train split is not on our machines; with the hub,
-# pass CALIB=wikitext:wikitext-2-raw-v1:train).
+# pass CALIB=wikitext:wikitext-2-raw-v1:train). The INT8 rows: eval.py --int8 with the same scales.
 set -euo pipefail
 out=${1:?usage: bash results.sh OUTDIR [CKPT] [WIKITEXT] [train|eval|all]}
 ckpt=${2:-smollm2-135m}; wt=${3:-wikitext}; stage=${4:-all}
@@ -21,6 +21,7 @@ run w8a6-max --abits 6
 run w8a4-max --abits 4
 run w8a8-mean --init mean     # the paper's PTQ init (mean of per-batch absmax)
 run w8a4-mean --init mean --abits 4
+run w8a8-mix --calib comedies  # calibration mix: + Shakespeare's comedies (Hamlet is not among them)
 fi
 [ "$stage" = train ] && exit 0
 python3 eval.py --ckpt "$ckpt" --test "$test" --test hamlet --calib "$calib" \

@@ -20,6 +20,8 @@ def files(tmp_path_factory):
     (d / "text.txt").write_text("A short line of text for a tiny model. " * 200)
     (d / "short.txt").write_text("too short")
     (d / "empty").mkdir()
+    write_meta(d / "wrongcfg", random_meta_state())
+    (d / "wrongcfg" / "params.json").write_text('{"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32}')
     trunc = d / "trunc"
     trunc.mkdir()
     (trunc / "config.json").write_text('{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, '
@@ -39,6 +41,7 @@ def cases(d):
     return {  # name: (argv, exit status, words the message must contain)
         "missing checkpoint": (["eval.py", "--ckpt", str(d / "nope")], 1, "no such file"),
         "folder without checkpoint": (["eval.py", "--ckpt", str(d / "empty")], 1, "no checkpoint found"),
+        "config disagrees with weights": (["eval.py", "--ckpt", str(d / "wrongcfg")], 1, "do not match"),
         "truncated safetensors": (["eval.py", "--ckpt", str(d / "trunc")], 1, "cannot read"),
         "scales of another model": (ev + ["--scales", str(d / "other.safetensors")], 1, "another model"),
         "corrupt scales": (ev + ["--scales", str(d / "corrupt.safetensors")], 1, "not a readable scales"),
