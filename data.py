@@ -11,6 +11,7 @@ Rows of a dataset are joined with "\\n\\n", tokenized once, and cut into non-ove
 """
 import math
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -112,3 +113,16 @@ def check_args(parser, a):
     for path in [scales] if isinstance(scales, str) else scales:
         if not os.path.isfile(path):
             error(f"--scales {path}: no such file")
+
+
+def run(main):
+    """Script entry point: an error the user can fix (path, file, data, scales, value) becomes one
+    'error:' line on stderr and exit status 1; --debug shows the traceback instead."""
+    import model
+    import sasq
+    try:
+        main()
+    except (model.CheckpointError, DataError, sasq.ScalesError, ValueError) as e:
+        if "--debug" in sys.argv:
+            raise
+        sys.exit(f"error: {e}")

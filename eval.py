@@ -11,7 +11,6 @@ initialisation only); sasq (one row per --scales file, trained by train.py).
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -131,9 +130,4 @@ def markdown_table(rows, tests):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (llama.CheckpointError, data.DataError, sasq.ScalesError, ValueError) as e:
-        if "--debug" in sys.argv:
-            raise
-        sys.exit(f"error: {e}")   # one line on stderr, exit status 1
+    data.run(main)

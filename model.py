@@ -8,7 +8,6 @@ This file knows nothing about quantization; sasq.py attaches to the model from o
 import glob
 import importlib.util
 import json
-import math
 import os
 from dataclasses import dataclass
 

@@ -10,7 +10,6 @@ One summary across depth: max |x| and the 99.9th percentile per layer, before an
 """
 import argparse
 import os
-import sys
 
 import matplotlib
 matplotlib.use("Agg")
@@ -186,9 +185,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (llama.CheckpointError, data.DataError, sasq.ScalesError, ValueError) as e:
-        if "--debug" in sys.argv:
-            raise
-        sys.exit(f"error: {e}")   # one line on stderr, exit status 1
+    data.run(main)

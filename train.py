@@ -7,7 +7,6 @@ import argparse
 import math
 import os
 import signal
-import sys
 import time
 
 import torch
@@ -185,9 +184,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (llama.CheckpointError, data.DataError, sasq.ScalesError, ValueError) as e:
-        if "--debug" in sys.argv:
-            raise
-        sys.exit(f"error: {e}")   # one line on stderr, exit status 1
+    data.run(main)

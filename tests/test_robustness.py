@@ -9,7 +9,7 @@ import torch
 
 import sasq
 import train
-from conftest import ROOT, TEST_SPEC, WIKITEXT, random_meta_state, write_meta
+from conftest import ROOT, WIKITEXT, random_meta_state, write_meta
 
 
 @pytest.fixture(scope="module")
