@@ -1,90 +1,423 @@
-"""Per-linear speed of one LLaMA-2-7B decoder layer: bf16 vs dynamic per-token INT8 vs static INT8.
+"""Speed and memory at LLaMA-2-7B scale (random weights: only shapes matter), and the real INT8 path.
 
-    python bench.py --out bench_out          # GPU: 7B shapes, prefill and decode token counts
-    python bench.py --tiny                   # CPU, small shapes: exercises the code path in seconds
+    python bench.py --out bench_out                          # GPU: every section (~15 min on an H100)
+    python bench.py --sections peak,linear,infer --out ...   # some of them
+    python bench.py --tiny                                   # CPU, tiny shapes: a smoke test of the code
 
-Weights are random (only shapes matter for speed). The INT8 layers are torch.compile'd so that the
-elementwise quantize / rescale ops fuse around torch._int_mm; bf16 is a plain F.linear (cuBLAS).
-Not measured here yet: whole-model training step, MFU, activation checkpointing (see README).
+Sections (each prints a table; --out gets bench-SECTION.json):
+  peak    bf16 and int8 matmul throughput at 8192^3: the reference for MFU
+  linear  one linear of each 7B shape, bf16 vs dynamic per-token INT8 vs static INT8, with the
+          torch._int_mm back end and with our Triton kernel (int8.py), decode and prefill token counts
+  infer   the whole model: INT8 vs fake-quant logits; prefill (seq 2048, batch 1 and 8) and one
+          decode step (batch 1..64, 512 tokens in the KV cache); weight memory
+  eval    a WikiText-2-sized evaluation forward: fp vs fake-quant static W8A8, eager and compiled
+  train   SASQ training (train.train_scales itself) at seq 2048, batch 1..8, with and without
+          activation checkpointing: tokens/s, peak memory, MFU against the measured bf16 peak
+  load    write a 7B-sized Hugging Face safetensors folder, time model.load on it (--tokenizer needed)
+GPU timings replay CUDA graphs (no Python or launch overhead in the numbers) of torch.compile'd
+blocks; the training section times real optimizer steps with the wall clock.
 """
 import argparse
+import gc
 import json
 import os
+import time
 
 import torch
 import torch.nn.functional as F
 
 import int8
+import model as llama
 import sasq
 
-SHAPES_7B = {"wq/wk/wv/wo": (4096, 4096), "w1/w3": (4096, 11008), "w2": (11008, 4096)}   # (in, out)
-SHAPES_TINY = {"attn": (64, 64), "up": (64, 128), "down": (128, 64)}
+SECTIONS = ("peak", "linear", "infer", "eval", "train", "load")
+TINY = llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=128, hidden_dim=128, max_seq_len=256)
 
 
-def make_layers(k, n, device):
-    lin = torch.nn.Linear(k, n, bias=False, device=device)
-    act = sasq.ActQuantizer(k, sasq.QuantConfig(), truncate=True).to(device)
+# --------------------------------------------------------------------------- helpers
+
+def build(args, device, dtype=torch.bfloat16, seed=0):
+    """A Transformer with random N(0, 0.02) weights allocated directly on `device` in `dtype`."""
+    with torch.device("meta"):
+        m = llama.Transformer(args).to(dtype)
+    m = m.to_empty(device=device)
+    torch.manual_seed(seed)
     with torch.no_grad():
-        act.log_scale.fill_(torch.tensor(2.0 / 127).log().item())
-        act.log_c.fill_(torch.tensor(8.0).log().item())
-    static = int8.Int8Linear(sasq.QuantLinear(lin, act, 8))
-    dynamic = int8.DynamicInt8Linear(lin)
-    w_bf16 = lin.weight.to(torch.bfloat16)
-    return (lambda x: F.linear(x, w_bf16)), dynamic, static, w_bf16
+        for p in m.parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+    m.init_rope(device)
+    return m.eval().requires_grad_(False)
 
 
-def timed(fn, x, reps):
-    """Median milliseconds per call (CUDA events on GPU, wall clock on CPU)."""
-    import time
-    for _ in range(3):
-        fn(x)
-    times = []
-    for _ in range(reps):
-        if x.is_cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn(x)
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
+def timed(fn, reps, graph=True):
+    """Milliseconds per call of fn(). On a GPU: one call captured in a CUDA graph, replayed `reps`
+    times between two events (graph=False: plain calls, as an evaluation loop runs). On the CPU:
+    the median wall clock of `reps` calls."""
+    for _ in range(2):                  # compile, autotune, allocate
+        fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(reps):
             t = time.perf_counter()
-            fn(x)
+            fn()
             times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
+        return sorted(times)[len(times) // 2]
+    torch.cuda.synchronize()
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            fn = g.replay
+            fn()
+        except RuntimeError as e:       # not capturable: time plain calls, and say so
+            print(f"(CUDA graph capture failed, timing plain calls: {str(e).splitlines()[0][:120]})")
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def linears(m):
+    """(parent module, attribute name) of every decoder linear at the four quantization points."""
+    return [(getattr(layer, sub), n) for layer in m.layers for sub, names, _ in sasq.POINTS.values() for n in names]
+
+
+def use(m, variant):
+    """Put one set of linears (a list in linears() order) into the model."""
+    for (parent, name), mod in zip(linears(m), variant):
+        setattr(parent, name, mod)
+
+
+def variants(m, calib):
+    """bf16 nn.Linear, fake-quant static W8A8 (frozen), real static INT8 and dynamic INT8 versions of
+    every decoder linear, with PTQ-max scales from `calib` (random tokens: speed does not care)."""
+    bf16 = [getattr(p, n) for p, n in linears(m)]
+    qs = sasq.attach(m, sasq.QuantConfig())
+    sasq.calibrate(m, qs, calib, method="max", progress=False)
+    sasq.freeze(m)
+    fake = [getattr(p, n) for p, n in linears(m)]
+    out = {"bf16": bf16, "fake-quant": fake, "static int8": [int8.Int8Linear(q) for q in fake],
+           "dynamic int8": [int8.DynamicInt8Linear(q.linear) for q in fake]}
+    use(m, bf16)
+    return out
+
+
+def weight_bytes(mods):
+    return sum(b.numel() * b.element_size() for mod in mods for b in list(mod.buffers()) + list(mod.parameters()))
+
+
+def compile_blocks(m, on):
+    if on:
+        for layer in m.layers:
+            layer.compile()
+
+
+def table(rows, cols, title):
+    """Print rows (dicts) as an aligned table."""
+    print(f"\n## {title}")
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).rjust(w) for c, w in zip(cols, widths)), flush=True)
+    return rows
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- sections
+
+def sec_peak(a, dev):
+    n = 256 if a.tiny else 8192
+    x, y = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    qa, qb = (torch.randint(-128, 128, (n, n), device=dev, dtype=torch.int8) for _ in range(2))
+    ws = torch.ones(n, device=dev)
+    ops = {"bf16 matmul (cuBLAS)": lambda: x @ y, "int8 torch._int_mm (int32 out)": lambda: torch._int_mm(qa, qb.t())}
+    if dev == "cuda" and int8.triton is not None:
+        ops["int8 Triton kernel (bf16 out)"] = lambda: int8.triton_mm(qa, qb, ws)
+    rows = []
+    for name, fn in ops.items():
+        t = timed(fn, a.reps)
+        rows.append({"op": name, "n": n, "ms": t, "TFLOP/s": 2 * n ** 3 / t / 1e9})
+    return table(rows, ["op", "n", "ms", "TFLOP/s"], f"matmul peak, {n}^3")
+
+
+SHAPES_7B = {"wq/wk/wv/wo": (4096, 4096), "w1/w3": (4096, 11008), "w2": (11008, 4096)}   # (in, out)
+
+
+def sec_linear(a, dev):
+    """Each column: ms per call of one linear. 'torch' = torch._int_mm + scaling in PyTorch (int32
+    result through memory); 'triton' = our kernel with the scaling in its epilogue."""
+    shapes = {"attn": (64, 64), "up": (64, 128), "down": (128, 64)} if a.tiny else SHAPES_7B
+    tokens = [1, 16] if a.tiny else [1, 16, 64, 2048, 16384]
+    compile_ = (lambda f: torch.compile(f, dynamic=False)) if dev == "cuda" else (lambda f: f)
+    backends = ["torch", "triton"] if dev == "cuda" and int8.triton is not None else ["torch"]
+    rows = []
+    for name, (k, n) in shapes.items():
+        lin = torch.nn.Linear(k, n, bias=False, device=dev)
+        act = sasq.ActQuantizer(k, sasq.QuantConfig(), truncate=True).to(dev)
+        with torch.no_grad():
+            act.log_scale.fill_(torch.tensor(2.0 / 127).log().item())
+            act.log_c.fill_(torch.tensor(8.0).log().item())
+        static = compile_(int8.Int8Linear(sasq.QuantLinear(lin, act, 8)))
+        dynamic = compile_(int8.DynamicInt8Linear(lin))
+        w = lin.weight.to(torch.bfloat16)
+        for m in tokens:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            r = {"tokens": m, "layer": name, "bf16": timed(lambda: F.linear(x, w), a.reps)}
+            for b in backends:
+                for label, f in (("dynamic", dynamic), ("static", static)):
+                    r[f"{label} {b}"] = timed(lambda: (setattr(int8, "BACKEND", b), f(x)), a.reps)
+            best = backends[-1]
+            r["static/dyn"] = r[f"dynamic {best}"] / r[f"static {best}"]
+            r["static/bf16"] = r["bf16"] / r[f"static {best}"]
+            rows.append(r)
+    int8.BACKEND = backends[-1]
+    cols = ["tokens", "layer", "bf16"] + [f"{v} {b}" for b in backends for v in ("dynamic", "static")]
+    return table(rows, cols + ["static/dyn", "static/bf16"], "one linear, ms per call (speed-ups use " + backends[-1] + ")")
+
+
+def compare(ref, out):
+    """How far logits `out` are from `ref`, in units of ref's standard deviation, and top-1 agreement."""
+    d = (out - ref).abs()
+    return {"max |d| / std": (d.max() / ref.std()).item(), "mean |d| / std": (d.mean() / ref.std()).item(),
+            "top-1 agree": (out.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def sec_infer(a, dev, args):
+    gpu = dev == "cuda"
+    m = build(args, dev)
+    V = variants(m, torch.randint(args.vocab_size, (2, 512 if gpu else 32), device=dev))
+    x = torch.randint(args.vocab_size, (1, 512 if gpu else 32), device=dev)
+    logits = {}
+    with torch.no_grad():
+        for v in ("bf16", "fake-quant", "static int8"):
+            use(m, V[v])
+            logits[v] = m(x)[0].float()
+    for q in V["fake-quant"]:
+        q.frozen = None                               # drop the fake-quant weight-code cache
+    rows = [{"compare": "static int8 vs fake-quant", **compare(logits["fake-quant"], logits["static int8"])},
+            {"compare": "fake-quant vs bf16 (the quantization error)", **compare(logits["bf16"], logits["fake-quant"])}]
+    out = {"logits": table(rows, ["compare", "max |d| / std", "mean |d| / std", "top-1 agree"],
+                           f"logits on {x.shape[1]} random tokens")}
+    del logits
+    free()
+    n_bf16, n_int8 = weight_bytes(V["bf16"]), weight_bytes(V["static int8"])
+    rest = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if not n.startswith("layers.")
+               or "norm" in n)
+    out["memory"] = table([{"weights": v, "linears GB": b / 1e9, "whole model GB": (b + rest) / 1e9}
+                           for v, b in (("bf16", n_bf16), ("static int8", n_int8))],
+                          ["weights", "linears GB", "whole model GB"], "weight memory")
+    compile_blocks(m, gpu)
+    main_v = ("bf16", "dynamic int8", "static int8")
+    rows = []
+    with torch.no_grad():
+        for b in ((1, 8) if gpu else (1, 2)):
+            tok = torch.randint(args.vocab_size, (b, 2048 if gpu else 64), device=dev)
+            r = {"batch": b, "tokens": tok.numel()}
+            for v in main_v:
+                use(m, V[v])
+                r[v] = timed(lambda: m(tok), max(2, a.reps // 5))
+            r["static/dyn"], r["static/bf16"] = r["dynamic int8"] / r["static int8"], r["bf16"] / r["static int8"]
+            rows.append(r)
+            free()
+        out["prefill"] = table(rows, ["batch", "tokens", *main_v, "static/dyn", "static/bf16"],
+                               f"prefill, ms per forward (seq {tok.shape[1]})")
+        ctx = 512 if gpu else 32
+        batches = (1, 8, 32, 64) if gpu else (1, 4)
+        m.setup_cache(max(batches), ctx + 1)
+        rows = []
+        for b in batches:
+            tok = torch.randint(args.vocab_size, (b, 1), device=dev)
+            r = {"batch": b}
+            for v in main_v:
+                use(m, V[v])
+                r[v] = timed(lambda: m(tok, pos=ctx), a.reps)
+            r["static/dyn"], r["static/bf16"] = r["dynamic int8"] / r["static int8"], r["bf16"] / r["static int8"]
+            r["static tokens/s"] = b / r["static int8"] * 1e3
+            rows.append(r)
+        m.setup_cache(0, 0)
+        out["decode"] = table(rows, ["batch", *main_v, "static/dyn", "static/bf16", "static tokens/s"],
+                              f"decode, ms per step ({ctx} tokens in the KV cache)")
+    return out
+
+
+def sec_eval(a, dev, args):
+    """WikiText-2 test with the LLaMA-2 tokenizer is 166 windows of 2048 tokens; eval.py's GPU batch is 8."""
+    gpu = dev == "cuda"
+    m = build(args, dev)
+    V = variants(m, torch.randint(args.vocab_size, (2, 512 if gpu else 32), device=dev))
+    tok = torch.randint(args.vocab_size, (8, 2048) if gpu else (2, 64), device=dev)
+    rows = []
+    with torch.no_grad():
+        for compiled in (False, True):
+            compile_blocks(m, compiled and gpu)
+            for v in ("bf16", "fake-quant"):
+                use(m, V[v])
+                t = timed(lambda: m(tok), max(2, a.reps // 5), graph=False)
+                rows.append({"model": v, "compiled": compiled and gpu, "ms/forward": t,
+                             "tokens/s": tok.numel() / t * 1e3, "166 windows s": 166 * 2048 / (tok.numel() / t * 1e3)})
+            rows[-1]["vs bf16"] = rows[-1]["ms/forward"] / rows[-2]["ms/forward"]
+            if not gpu:
+                break
+    return table(rows, ["model", "compiled", "ms/forward", "tokens/s", "166 windows s", "vs bf16"],
+                 f"evaluation forward, batch {tok.shape[0]} x {tok.shape[1]}")
+
+
+def train_flops_per_token(args, seq):
+    """Frozen weights: forward 2N + input-gradient 2N per linear weight (no weight gradients); causal
+    attention 2*seq*dim per layer forward, 3x that with its backward. Recomputation is not counted."""
+    hd = args.dim // args.n_heads
+    per_layer = args.dim * (args.n_heads + 2 * args.n_kv_heads) * hd + args.dim * args.dim + 3 * args.dim * args.hidden_dim
+    n_lin = args.n_layers * per_layer + args.dim * args.vocab_size
+    return 4 * n_lin + 3 * args.n_layers * 2 * seq * args.dim
+
+
+def sec_train(a, dev, args, peak_tflops):
+    import train
+    gpu = dev == "cuda"
+    seq, steps = (2048, 6) if gpu else (64, 3)
+    m = build(args, dev)
+    qs = sasq.attach(m, sasq.QuantConfig())
+    sasq.calibrate(m, qs, torch.randint(args.vocab_size, (2, seq), device=dev), method="max", progress=False)
+    compile_blocks(m, gpu)                           # as train.py does on a GPU
+    wins = torch.randint(args.vocab_size, (32, seq + 1))
+    flops = train_flops_per_token(args, seq)
+    rows = []
+    for ckpt in (False, True):
+        m.checkpointing = ckpt
+        for b in ((1, 2, 4, 8) if gpu else (1, 2)):
+            free()
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            r = {"checkpointing": ckpt, "batch": b}
+            try:
+                t0 = time.perf_counter()
+                _, first = train.train_scales(m, qs, wins, steps, b, lr=1e-3, device=dev, progress=False)
+                step = (time.perf_counter() - t0 - first) / (steps - 1)
+            except torch.OutOfMemoryError:
+                rows.append({**r, "s/step": "OOM"})
+                print(f"checkpointing={ckpt} batch={b}: out of memory", flush=True)
+                break
+            r.update({"s/step": step, "tokens/s": b * seq / step, "MFU": b * seq / step * flops / (peak_tflops * 1e12),
+                      "peak GB": torch.cuda.max_memory_allocated() / 1e9 if gpu else float("nan"),
+                      "first step s": first, "500 x 8k tokens min": 500 * 8192 / (b * seq / step) / 60})
+            rows.append(r)
+    m.checkpointing = False
+    return table(rows, ["checkpointing", "batch", "s/step", "tokens/s", "MFU", "peak GB", "first step s",
+                        "500 x 8k tokens min"], f"SASQ training step, seq {seq} ({flops / 1e9:.1f} GFLOP/token)")
+
+
+def sec_load(a, dev, args):
+    """Time llama.load on a HF-layout folder of the 7B shape (2 safetensors shards, like the hub's)."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+    if not a.tokenizer:
+        print("\n## load: skipped (needs --tokenizer PATH/tokenizer.model)")
+        return []
+    folder = tempfile.mkdtemp(prefix="bench-hf-", dir=a.load_dir)
+    try:
+        m = build(args, dev)
+        to_hf = {v: k for k, v in llama.HF_LEAF.items()}
+        sd = {}
+        for k, v in m.state_dict().items():
+            if k.startswith("layers."):
+                _, i, *mid, leaf = k.split(".")
+                k = f"model.layers.{i}.{to_hf['.'.join(mid)]}.{leaf}"
+            else:
+                k = {v_: k_ for k_, v_ in llama.HF_TOP.items()}[k]
+            sd[k] = v.cpu()
+        del m
+        free()
+        t0 = time.perf_counter()
+        keys = list(sd)
+        for j, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+            save_file({k: sd[k] for k in part}, os.path.join(folder, f"model-{j + 1:05d}-of-00002.safetensors"))
+        json.dump({"hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+                   "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+                   "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+                   "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False},
+                  open(os.path.join(folder, "config.json"), "w"))
+        shutil.copy(a.tokenizer, os.path.join(folder, "tokenizer.model"))
+        write_s = time.perf_counter() - t0
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+        del sd
+        free()
+        t0 = time.perf_counter()
+        m, _ = llama.load(folder, dev, torch.bfloat16)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        load_s = time.perf_counter() - t0
+        del m
+        free()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return table([{"GB on disk": size / 1e9, "write s": write_s, "llama.load s (warm page cache)": load_s,
+                   "GB/s": size / 1e9 / load_s}], ["GB on disk", "write s", "llama.load s (warm page cache)", "GB/s"],
+                 "loading a HF safetensors checkpoint")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="small shapes on CPU (a smoke test of the code)")
-    p.add_argument("--out", default=None, help="folder for bench.json")
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (a smoke test of the code)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    p.add_argument("--out", default=None, help="folder for bench-SECTION.json files")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions (fewer for whole-model forwards)")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.model, for the load section's folder")
+    p.add_argument("--load-dir", default=None, help="where the load section writes its checkpoint (default: tmp)")
     a = p.parse_args(argv)
-    device = "cpu" if a.tiny or not torch.cuda.is_available() else "cuda"
-    shapes = SHAPES_TINY if a.tiny else SHAPES_7B
-    tokens = [1, 8, 64, 2048, 8 * 2048] if not a.tiny else [1, 16]
-    # one compiled graph per token count: raise dynamo's recompile limit (8) above len(tokens) x shapes
-    cfg = torch._dynamo.config
-    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
-    compile_ = (lambda f: torch.compile(f, dynamic=False)) if device == "cuda" else (lambda f: f)
-    rows = []
-    print(f"{'tokens':>6} {'layer':>12} {'bf16 ms':>9} {'dyn int8':>9} {'static':>9} {'st/dyn':>7} {'st/bf16':>7}")
-    for name, (k, n) in shapes.items():
-        bf16, dynamic, static, w = make_layers(k, n, device)
-        dynamic, static = compile_(dynamic), compile_(static)
-        for m in tokens:
-            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            with torch.no_grad():
-                t = [timed(f, x, a.reps) for f in (bf16, dynamic, static)]
-            rows.append({"tokens": m, "layer": name, "bf16_ms": t[0], "dynamic_ms": t[1], "static_ms": t[2],
-                         "weight_bytes_bf16": w.numel() * 2, "weight_bytes_int8": w.numel()})
-            print(f"{m:>6} {name:>12} {t[0]:>9.4f} {t[1]:>9.4f} {t[2]:>9.4f} {t[1] / t[2]:>7.2f} {t[0] / t[2]:>7.2f}")
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-        with open(os.path.join(a.out, "bench.json"), "w") as f:
-            json.dump({"device": device_name, "rows": rows}, f, indent=1)
-    return rows
+    sections = [s for s in a.sections.split(",") if s]
+    if bad := [s for s in sections if s not in SECTIONS]:
+        p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
+    dev = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
+    args = TINY if a.tiny else llama.ModelArgs()          # ModelArgs() is LLaMA-2-7B
+    cfg = torch._dynamo.config                              # one graph per shape and variant: allow many
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = 4096
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    print(f"device {device_name}, torch {torch.__version__}, int8 back end {int8.BACKEND if dev == 'cuda' else 'torch'}")
+    results, peak = {}, None
+    for s in sections:
+        t0 = time.perf_counter()
+        try:
+            if s == "peak" or (s == "train" and peak is None):
+                results["peak"] = sec_peak(a, dev)
+                peak = results["peak"][0]["TFLOP/s"]
+            if s == "linear":
+                results[s] = sec_linear(a, dev)
+            elif s == "infer":
+                results[s] = sec_infer(a, dev, args)
+            elif s == "eval":
+                results[s] = sec_eval(a, dev, args)
+            elif s == "train":
+                results[s] = sec_train(a, dev, args, peak)
+            elif s == "load":
+                results[s] = sec_load(a, dev, args)
+        except Exception as e:           # on a GPU run, one failing section must not cost the others
+            if a.tiny:
+                raise
+            import traceback
+            traceback.print_exc()
+            results[s] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        print(f"[{s}: {time.perf_counter() - t0:.0f} s]", flush=True)
+        free()
+        if a.out:
+            os.makedirs(a.out, exist_ok=True)
+            with open(os.path.join(a.out, f"bench-{s}.json"), "w") as f:
+                json.dump({"device": device_name, "torch": torch.__version__, "section": s, "result": results[s],
+                           **({"peak": results["peak"]} if s == "train" else {})}, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

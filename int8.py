@@ -1,29 +1,125 @@
 """Real static INT8 inference: each fake-quant QuantLinear of sasq.py becomes an int8 x int8 GEMM.
 
 Static: the activation is divided by its frozen per-channel scale and rounded (elementwise, no
-reduction over the tensor), multiplied with int8 codes of the folded weight W * s by torch._int_mm
-(int32 accumulation), and the int32 result is scaled by one float per output column. This is the same
+reduction over the tensor), multiplied with int8 codes of the folded weight W * s (int32
+accumulation), and the int32 sums are scaled by one float per output column. This is the same
 arithmetic the fake-quant graph simulates, so logits agree to float rounding.
+
+The GEMM (`mm`) has two back ends. On a GPU with Triton it is our kernel below: the int32 tile is
+scaled and cast to bf16 in the kernel's epilogue, so the int32 result never goes to memory. Elsewhere
+(CPU, or `int8.BACKEND = "torch"`) it is torch._int_mm followed by the scaling in PyTorch.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import sasq
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:      # CPU-only installs: the torch back end is used
+    triton = None
 
-def int_mm(q, w):
-    """(M, K) int8 @ (N, K).T int8 -> (M, N) int32. cuBLAS wants M > 16: pad small batches (decode)."""
+BACKEND = "triton" if triton is not None else "torch"
+
+
+# --------------------------------------------------------------------------- the GEMM
+
+def _torch_mm(q, w, w_scale, row_scale, out_dtype):
     m = q.shape[0]
-    if q.is_cuda and m <= 16:
+    if q.is_cuda and m <= 16:                  # cuBLAS int8 wants M > 16: pad small batches (decode)
         q = F.pad(q, (0, 0, 0, 17 - m))
-    return torch._int_mm(q, w.t())[:m]
+    y = torch._int_mm(q, w.t())[:m].float() * w_scale
+    return (y if row_scale is None else y * row_scale[:, None]).to(out_dtype)
 
+
+if triton is not None:
+    @triton.jit
+    def _int8_mm_kernel(a_ptr, w_ptr, ws_ptr, rs_ptr, c_ptr, M, N, K, ROW_SCALE: tl.constexpr,
+                        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """C[m, n] = (sum_k A[m, k] W[n, k]) * ws[n] (* rs[m]). A (M, K), W (N, K) int8, contiguous."""
+        pid = tl.program_id(0)
+        grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        # run GROUP_M row-tiles side by side, so the W tiles they share are still in L2
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        group_m = min(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % group_m
+        pid_n = (pid % width) // group_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a = a_ptr + (rm % M)[:, None] * K + rk[None, :]      # rows past M re-read valid rows, never stored
+        w = w_ptr + (rn % N)[None, :] * K + rk[:, None]      # a (BLOCK_K, BLOCK_N) tile of W.T
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                x, y = tl.load(a), tl.load(w)
+            else:
+                x = tl.load(a, mask=rk[None, :] < K - k * BLOCK_K, other=0)
+                y = tl.load(w, mask=rk[:, None] < K - k * BLOCK_K, other=0)
+            acc = tl.dot(x, y, acc, out_dtype=tl.int32)
+            a += BLOCK_K
+            w += BLOCK_K
+        # epilogue: int32 -> float, per-column weight scale (and per-row token scale), cast, store
+        out = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        if ROW_SCALE:
+            out = out * tl.load(rs_ptr + rm, mask=rm < M, other=0.0)[:, None]
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        tl.store(c_ptr + rm[:, None] * N + rn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+
+    def _prune(configs, named_args, **kwargs):
+        """Small BLOCK_M for decode-sized M, large for prefill: fewer configs to time."""
+        m = named_args["M"]
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= 64) == (m <= 64)]
+        return keep or configs
+
+    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+                for bm, bn, bk, s, w in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
+                                         (128, 128, 128, 4, 4), (16, 32, 256, 5, 4), (16, 64, 256, 4, 4),
+                                         (32, 64, 256, 4, 4), (64, 128, 128, 4, 4)]]
+    _int8_mm = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int8_mm_kernel)
+    _int8_mm_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K"],
+                                     prune_configs_by={"early_config_prune": _prune})(_int8_mm)
+
+
+def triton_mm(q, w, w_scale, row_scale=None, out_dtype=torch.bfloat16, config=None):
+    """Our Triton kernel; `config` (dict of BLOCK_M/N/K, GROUP_M) skips autotuning (the CPU interpreter test)."""
+    (m, k), n = q.shape, w.shape[0]
+    assert q.is_contiguous() and w.is_contiguous() and max(m, n) * k < 2 ** 31 and m * n < 2 ** 31
+    out = torch.empty(m, n, device=q.device, dtype=out_dtype)
+    rs = row_scale if row_scale is not None else w_scale                   # a dummy pointer when unused
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    kernel = _int8_mm_tuned if config is None else _int8_mm
+    kernel[grid](q, w, w_scale, rs, out, m, n, k, ROW_SCALE=row_scale is not None, **(config or {}))
+    return out
+
+
+@torch.library.custom_op("sasq::int8_mm", mutates_args=())
+def mm(q: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, row_scale: Optional[torch.Tensor],
+       out_dtype: torch.dtype) -> torch.Tensor:
+    """(M, K) int8 x (N, K) int8 -> (M, N) out_dtype, times w_scale per column (and row_scale per row).
+    A custom op, so torch.compile fuses the quantize / rescale ops around it and leaves it whole."""
+    if q.is_cuda and BACKEND == "triton":
+        return triton_mm(q.contiguous(), w, w_scale, row_scale, out_dtype)
+    return _torch_mm(q, w, w_scale, row_scale, out_dtype)
+
+
+@mm.register_fake
+def _(q, w, w_scale, row_scale, out_dtype):
+    return q.new_empty(q.shape[0], w.shape[0], dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------- the layers
 
 class Int8Linear(nn.Module):
     """y = (int8(trunc(x) / s) @ int8(W * s).T) * w_scale: static scales, no run-time statistics."""
 
-    def __init__(self, ql: sasq.QuantLinear):
+    def __init__(self, ql: sasq.QuantLinear, keep_float=True):
         super().__init__()
         act = ql.act
         if act.mode != "static" or act.bits != 8 or ql.wbits != 8:
@@ -36,15 +132,16 @@ class Int8Linear(nn.Module):
             self.register_buffer("a_scale", s.expand(ql.linear.in_features).contiguous())
             c = act.log_c.exp().float() if act.log_c is not None else None
             self.register_buffer("c", c)
-        self.source = (ql,)       # the fake-quant layer, for revert(); a tuple keeps it out of .modules()
+        # the fake-quant layer, for revert(); a tuple keeps it out of .modules(). Without it the
+        # float weight can be freed: the converted model then holds int8 weights only.
+        self.source = (ql,) if keep_float else None
 
     def forward(self, x):
         xf = x.float()
         if self.c is not None:
             xf = self.c * torch.tanh(xf / self.c)                               # the learned truncation
         q = torch.clamp(torch.round(xf / self.a_scale), -128, 127).to(torch.int8)
-        y = int_mm(q.reshape(-1, q.shape[-1]), self.weight)                     # (tokens, out) int32
-        return (y.float() * self.w_scale).to(x.dtype).reshape(*x.shape[:-1], -1)
+        return mm(q.reshape(-1, q.shape[-1]), self.weight, self.w_scale, None, x.dtype).unflatten(0, x.shape[:-1])
 
 
 class DynamicInt8Linear(nn.Module):
@@ -59,33 +156,41 @@ class DynamicInt8Linear(nn.Module):
 
     def forward(self, x):
         xf = x.float().reshape(-1, x.shape[-1])
-        s = xf.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127                # (tokens, 1)
-        q = torch.clamp(torch.round(xf / s), -128, 127).to(torch.int8)
-        y = int_mm(q, self.weight).float() * s * self.w_scale
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        s = xf.abs().amax(-1).clamp(min=1e-8) / 127                            # (tokens,)
+        q = torch.clamp(torch.round(xf / s[:, None]), -128, 127).to(torch.int8)
+        return mm(q, self.weight, self.w_scale, s, x.dtype).unflatten(0, x.shape[:-1])
 
 
-def convert(model):
-    """Swap every static W8A8 QuantLinear (from sasq.attach / sasq.load) for a real Int8Linear."""
+def _swap(model, fn):
+    """Replace each linear at the four quantization points by fn(current module) (None: keep it)."""
     n = 0
     for layer in model.layers:
         for sub, names, _ in sasq.POINTS.values():
             parent = getattr(layer, sub)
             for name in names:
-                if isinstance(getattr(parent, name), sasq.QuantLinear):
-                    setattr(parent, name, Int8Linear(getattr(parent, name)))
+                new = fn(getattr(parent, name))
+                if new is not None:
+                    setattr(parent, name, new)
                     n += 1
+    return n
+
+
+def convert(model, keep_float=True):
+    """Swap every static W8A8 QuantLinear (from sasq.attach / sasq.load) for a real Int8Linear."""
+    n = _swap(model, lambda m: Int8Linear(m, keep_float) if isinstance(m, sasq.QuantLinear) else None)
     if n == 0:
         raise ValueError("no quantized linears to convert: load SASQ scales first")
     return model
 
 
+def convert_dynamic(model):
+    """The dynamic per-token W8A8 baseline with real int8 GEMMs (from nn.Linear or QuantLinear)."""
+    _swap(model, lambda m: DynamicInt8Linear(getattr(m, "linear", m)) if isinstance(m, (nn.Linear, sasq.QuantLinear))
+          else None)
+    return model
+
+
 def revert(model):
     """Undo convert(): put the fake-quant QuantLinears back (sasq.detach then restores nn.Linear)."""
-    for layer in model.layers:
-        for sub, names, _ in sasq.POINTS.values():
-            parent = getattr(layer, sub)
-            for name in names:
-                if isinstance(getattr(parent, name), Int8Linear):
-                    setattr(parent, name, getattr(parent, name).source[0])
+    _swap(model, lambda m: m.source[0] if isinstance(m, Int8Linear) and m.source else None)
     return model

@@ -102,8 +102,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(a.dim, a.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(a.dim, a.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(a.n_heads * self.head_dim, a.dim, bias=False)
+        self.cache = None      # (k, v) buffers (B, n_kv_heads, length, head_dim) while decoding
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, pos=0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -111,7 +112,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # SDPA wants (B, H, T, D); enable_gqa lets n_heads query heads share n_kv_heads k/v heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        if self.cache is not None:          # decoding: keep k/v of positions pos..pos+T, attend to 0..pos+T
+            self.cache[0][:B, :, pos:pos + T], self.cache[1][:B, :, pos:pos + T] = k, v
+            k, v = self.cache[0][:B, :, :pos + T], self.cache[1][:B, :, :pos + T]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -133,8 +137,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm, self.ffn_norm = RMSNorm(a.dim, a.norm_eps), RMSNorm(a.dim, a.norm_eps)
         self.attention, self.feed_forward = Attention(a), FeedForward(a)
 
-    def forward(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, cos, sin, pos=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -157,18 +161,22 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", angles.cos(), persistent=False)   # (max_seq_len, hd/2)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
-    def forward(self, tokens, targets=None):
-        """tokens: (B, T) -> logits (B, T, vocab) at every position, and the mean CE loss if targets."""
+    def forward(self, tokens, targets=None, pos=0):
+        """tokens: (B, T) -> logits (B, T, vocab) at every position, and the mean CE loss if targets.
+        With a KV cache (setup_cache), `pos` is the position of tokens[:, 0]: a prompt at 0, then one
+        token at a time."""
         T = tokens.shape[1]
-        if T > self.args.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.args.max_seq_len}")
+        if pos + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.args.max_seq_len}")
+        if pos and T > 1:
+            raise ValueError("with a KV cache, feed the prompt at pos 0, then one token at a time")
         h = self.tok_embeddings(tokens)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, pos, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, pos)
         h = self.norm(h)
         logits = F.linear(h, self.tok_embeddings.weight if self.output is None else self.output.weight)
         loss = None
@@ -176,15 +184,31 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
+    def setup_cache(self, batch, length):
+        """Allocate a KV cache for `batch` sequences of up to `length` tokens; batch=0 removes it."""
+        p = self.tok_embeddings.weight
+        for layer in self.layers:
+            a = layer.attention
+            shape = (batch, a.n_kv_heads, length, a.head_dim)
+            a.cache = (p.new_zeros(shape), p.new_zeros(shape)) if batch else None
+
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens: int, eos_id=None):
-        """Greedy decoding (no KV cache: this is a demo, not a server). tokens: (1, T)."""
-        for _ in range(max_new_tokens):
-            nxt = self(tokens[:, -self.args.max_seq_len:])[0][:, -1].argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt], dim=1)
-            if eos_id is not None and nxt.item() == eos_id:
-                break
-        return tokens
+        """Greedy decoding with a KV cache. tokens: (1, T)."""
+        T = tokens.shape[1]
+        n = min(max_new_tokens, self.args.max_seq_len - T)
+        self.setup_cache(1, T + n)
+        try:
+            logits = self(tokens)[0]
+            for pos in range(T, T + n):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                tokens = torch.cat([tokens, nxt], dim=1)
+                if eos_id is not None and nxt.item() == eos_id:
+                    break
+                logits = self(nxt, pos=pos)[0]
+            return tokens
+        finally:
+            self.setup_cache(0, 0)
 
 
 # --------------------------------------------------------------------------- tokenizers
