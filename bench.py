@@ -110,12 +110,6 @@ def weight_bytes(mods):
     return sum(b.numel() * b.element_size() for mod in mods for b in list(mod.buffers()) + list(mod.parameters()))
 
 
-def compile_blocks(m, on):
-    if on:
-        for layer in m.layers:
-            layer.compile()
-
-
 def table(rows, cols, title):
     """Print rows (dicts) as an aligned table."""
     print(f"\n## {title}")
@@ -204,10 +198,18 @@ def sec_infer(a, dev, args):
             logits[v] = m(x)[0].float()
     for q in V["fake-quant"]:
         q.frozen = None                               # drop the fake-quant weight-code cache
-    rows = [{"compare": "static int8 vs fake-quant", **compare(logits["fake-quant"], logits["static int8"])},
-            {"compare": "fake-quant vs bf16 (the quantization error)", **compare(logits["bf16"], logits["fake-quant"])}]
+        # one decoder layer on the same input: the kernel's agreement before 32 layers amplify it
+        h, cos, sin = m.tok_embeddings(x), m.rope_cos[:x.shape[1]], m.rope_sin[:x.shape[1]]
+        layer = {}
+        for v in ("bf16", "fake-quant", "static int8"):
+            use(m, V[v])
+            layer[v] = (m.layers[0](h, cos, sin) - h).float()
+    rows = [{"compare": "static int8 vs fake-quant, logits", **compare(logits["fake-quant"], logits["static int8"])},
+            {"compare": "fake-quant vs bf16, logits (quantization error)", **compare(logits["bf16"], logits["fake-quant"])},
+            {"compare": "static int8 vs fake-quant, layer 0 output", **compare(layer["fake-quant"], layer["static int8"])},
+            {"compare": "fake-quant vs bf16, layer 0 output", **compare(layer["bf16"], layer["fake-quant"])}]
     out = {"logits": table(rows, ["compare", "max |d| / std", "mean |d| / std", "top-1 agree"],
-                           f"logits on {x.shape[1]} random tokens")}
+                           f"INT8 vs fake-quant on {x.shape[1]} random tokens (top-1: argmax over the last dim)")}
     del logits
     free()
     n_bf16, n_int8 = weight_bytes(V["bf16"]), weight_bytes(V["static int8"])
@@ -216,7 +218,8 @@ def sec_infer(a, dev, args):
     out["memory"] = table([{"weights": v, "linears GB": b / 1e9, "whole model GB": (b + rest) / 1e9}
                            for v, b in (("bf16", n_bf16), ("static int8", n_int8))],
                           ["weights", "linears GB", "whole model GB"], "weight memory")
-    compile_blocks(m, gpu)
+    if gpu:
+        m.compile_blocks()
     main_v = ("bf16", "dynamic int8", "static int8")
     rows = []
     with torch.no_grad():
@@ -259,7 +262,8 @@ def sec_eval(a, dev, args):
     rows = []
     with torch.no_grad():
         for compiled in (False, True):
-            compile_blocks(m, compiled and gpu)
+            if compiled and gpu:
+                m.compile_blocks()
             for v in ("bf16", "fake-quant"):
                 use(m, V[v])
                 t = timed(lambda: m(tok), max(2, a.reps // 5), graph=False)
@@ -288,7 +292,8 @@ def sec_train(a, dev, args, peak_tflops):
     m = build(args, dev)
     qs = sasq.attach(m, sasq.QuantConfig())
     sasq.calibrate(m, qs, torch.randint(args.vocab_size, (2, seq), device=dev), method="max", progress=False)
-    compile_blocks(m, gpu)                           # as train.py does on a GPU
+    if gpu:
+        m.compile_blocks()                           # as train.py does
     wins = torch.randint(args.vocab_size, (32, seq + 1))
     flops = train_flops_per_token(args, seq)
     rows = []
@@ -312,8 +317,30 @@ def sec_train(a, dev, args, peak_tflops):
                       "first step s": first, "500 x 8k tokens min": 500 * 8192 / (b * seq / step) / 60})
             rows.append(r)
     m.checkpointing = False
+    if a.profile and gpu:
+        best = max((r for r in rows if not r["checkpointing"] and "MFU" in r), key=lambda r: r["MFU"])
+        profile_step(m, qs, wins, best["batch"])
     return table(rows, ["checkpointing", "batch", "s/step", "tokens/s", "MFU", "peak GB", "first step s",
                         "500 x 8k tokens min"], f"SASQ training step, seq {seq} ({flops / 1e9:.1f} GFLOP/token)")
+
+
+def profile_step(m, qs, wins, batch):
+    """Where the GPU time of training steps goes: kernels grouped by kind."""
+    import train
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        train.train_scales(m, qs, wins, 3, batch, lr=1e-3, device="cuda", progress=False)
+    groups = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        k = e.key.lower()
+        kind = ("matmul" if any(w in k for w in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul")) else
+                "attention" if any(w in k for w in ("flash", "fmha", "attention")) else
+                "fused elementwise (triton)" if k.startswith("triton") else "other")
+        groups[kind] = groups.get(kind, 0) + t
+    total = sum(groups.values())
+    return table([{"kernels": k, "ms per step": v / 3e3, "share": v / total} for k, v in sorted(groups.items(), key=lambda kv: -kv[1])],
+                 ["kernels", "ms per step", "share"], f"GPU time of a training step, batch {batch}, no checkpointing")
 
 
 def sec_load(a, dev, args):
@@ -373,6 +400,7 @@ def main(argv=None):
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     p.add_argument("--out", default=None, help="folder for bench-SECTION.json files")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions (fewer for whole-model forwards)")
+    p.add_argument("--profile", action="store_true", help="train section: break a step's GPU time down by kernel kind")
     p.add_argument("--tokenizer", default=None, help="a tokenizer.model, for the load section's folder")
     p.add_argument("--load-dir", default=None, help="where the load section writes its checkpoint (default: tmp)")
     a = p.parse_args(argv)

@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (GPU): fake-quant then "
+                   "costs what fp does (bench.py eval); pays off on 7B, not on a 135M model")
     p.add_argument("--int8", action="store_true", help="run SASQ rows through real INT8 GEMMs (int8.py)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--prompt", default=None, help="print a greedy completion of this prompt (fp model)")
@@ -90,6 +92,8 @@ def main(argv=None):
         raise SystemExit(f"error: unknown mode(s) {', '.join(bad)}; choose from fp, {', '.join(BASELINES)}")
     model, tok = llama.load(a.ckpt, a.device, getattr(torch, a.dtype))
     data.check_seq_len(model, a.seq_len)
+    if a.compile and gpu:
+        model.compile_blocks()
     if a.prompt:
         out = model.generate(torch.tensor([tok.encode(a.prompt)], device=a.device), 32, tok.eos_id)
         print(repr(tok.decode(out[0].tolist())))

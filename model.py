@@ -184,6 +184,14 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
+    def compile_blocks(self):
+        """torch.compile every decoder block. One graph per input shape and per set of swapped-in
+        linears (quantizers, INT8 layers), so dynamo's recompile limit is raised."""
+        cfg = torch._dynamo.config
+        setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
+        for layer in self.layers:
+            layer.compile()
+
     def setup_cache(self, batch, length):
         """Allocate a KV cache for `batch` sequences of up to `length` tokens; batch=0 removes it."""
         p = self.tok_embeddings.weight

@@ -106,10 +106,12 @@ def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device=
             loss.backward()
             opt.step()
             sched.step()
-            if not (torch.isfinite(loss) and all(torch.isfinite(p).all() for p in params)):
+            # one host sync per step: the loss and a norm per parameter (non-finite if any entry is)
+            vals = torch.stack([loss.detach().float(), *torch._foreach_norm(params)]).tolist()
+            if not all(map(math.isfinite, vals)):
                 quantizers.load_state_dict(good)
                 raise Stopped(f"non-finite loss or scale at step {step}; kept the scales after step {step - 1}")
-            losses.append(loss.item())
+            losses.append(vals[0])
             first = first or time.time() - t0
             if state_path and (stop.flag or (save_every and (step + 1) % save_every == 0)):
                 save_state(state_path, step + 1, quantizers, opt, sched, gen, losses)
@@ -159,8 +161,7 @@ def main(argv=None):
     sasq.calibrate(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult)
     ptq_ppl = heldout_ppl(model, held, a)
     if a.device.startswith("cuda") and not a.no_compile:
-        for layer in model.layers:   # identical blocks share one compiled graph; the first steps compile
-            layer.compile()
+        model.compile_blocks()       # identical blocks share one compiled graph; the first steps compile
     t0 = time.time()
     try:
         losses, first = train_scales(model, quantizers, train_wins, a.steps, a.batch_size, a.lr, a.seed,
