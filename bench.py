@@ -1,6 +1,6 @@
 """Speed and memory at LLaMA-2-7B scale (random weights: only shapes matter), and the real INT8 path.
 
-    python bench.py --out bench_out                          # GPU: every section (~15 min on an H100)
+    python bench.py --out bench_out                          # GPU: every section (about 6 min on an H100)
     python bench.py --sections peak,linear,infer --out ...   # some of them
     python bench.py --tiny                                   # CPU, tiny shapes: a smoke test of the code
 
@@ -277,12 +277,14 @@ def sec_eval(a, dev, args):
 
 
 def train_flops_per_token(args, seq):
-    """Frozen weights: forward 2N + input-gradient 2N per linear weight (no weight gradients); causal
-    attention 2*seq*dim per layer forward, 3x that with its backward. Recomputation is not counted."""
+    """Matmul FLOPs per token of a SASQ step. Every decoder linear costs 6N, as in full fine-tuning:
+    forward 2N, input gradient 2N, and a weight-shaped gradient 2N, because s is folded into W and
+    reaches the loss through the quantized W * s (the gradient of s is a reduction of it). The frozen
+    output head costs 4N. Causal attention: 2 * seq * dim per layer forward, 3x with its backward.
+    Recomputation (checkpointing) is not counted."""
     hd = args.dim // args.n_heads
     per_layer = args.dim * (args.n_heads + 2 * args.n_kv_heads) * hd + args.dim * args.dim + 3 * args.dim * args.hidden_dim
-    n_lin = args.n_layers * per_layer + args.dim * args.vocab_size
-    return 4 * n_lin + 3 * args.n_layers * 2 * seq * args.dim
+    return 6 * args.n_layers * per_layer + 4 * args.dim * args.vocab_size + 3 * args.n_layers * 2 * seq * args.dim
 
 
 def sec_train(a, dev, args, peak_tflops):
