@@ -21,6 +21,8 @@ import argparse
 import gc
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -129,7 +131,7 @@ def free():
 
 # --------------------------------------------------------------------------- sections
 
-def sec_peak(a, dev):
+def sec_peak(a, dev, args, results):
     n = 256 if a.tiny else 8192
     x, y = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
     qa, qb = (torch.randint(-128, 128, (n, n), device=dev, dtype=torch.int8) for _ in range(2))
@@ -147,7 +149,7 @@ def sec_peak(a, dev):
 SHAPES_7B = {"wq/wk/wv/wo": (4096, 4096), "w1/w3": (4096, 11008), "w2": (11008, 4096)}   # (in, out)
 
 
-def sec_linear(a, dev):
+def sec_linear(a, dev, args, results):
     """Each column: ms per call of one linear. 'torch' = torch._int_mm + scaling in PyTorch (int32
     result through memory); 'triton' = our kernel with the scaling in its epilogue."""
     shapes = {"attn": (64, 64), "up": (64, 128), "down": (128, 64)} if a.tiny else SHAPES_7B
@@ -186,74 +188,69 @@ def compare(ref, out):
             "top-1 agree": (out.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
-def sec_infer(a, dev, args):
-    gpu = dev == "cuda"
-    m = build(args, dev)
-    V = variants(m, torch.randint(args.vocab_size, (2, 512 if gpu else 32), device=dev))
-    x = torch.randint(args.vocab_size, (1, 512 if gpu else 32), device=dev)
-    logits = {}
+def agreement(m, V, x):
+    """Static INT8 against fake-quant (and fake-quant against bf16, the quantization error itself):
+    on the logits, and on one decoder layer's output for the same input (before depth amplifies)."""
+    h, cos, sin = m.tok_embeddings(x), m.rope_cos[:x.shape[1]], m.rope_sin[:x.shape[1]]
+    logits, layer = {}, {}
     with torch.no_grad():
         for v in ("bf16", "fake-quant", "static int8"):
             use(m, V[v])
             logits[v] = m(x)[0].float()
-    for q in V["fake-quant"]:
-        q.frozen = None                               # drop the fake-quant weight-code cache
-        # one decoder layer on the same input: the kernel's agreement before 32 layers amplify it
-        h, cos, sin = m.tok_embeddings(x), m.rope_cos[:x.shape[1]], m.rope_sin[:x.shape[1]]
-        layer = {}
-        for v in ("bf16", "fake-quant", "static int8"):
-            use(m, V[v])
             layer[v] = (m.layers[0](h, cos, sin) - h).float()
-    rows = [{"compare": "static int8 vs fake-quant, logits", **compare(logits["fake-quant"], logits["static int8"])},
-            {"compare": "fake-quant vs bf16, logits (quantization error)", **compare(logits["bf16"], logits["fake-quant"])},
-            {"compare": "static int8 vs fake-quant, layer 0 output", **compare(layer["fake-quant"], layer["static int8"])},
-            {"compare": "fake-quant vs bf16, layer 0 output", **compare(layer["bf16"], layer["fake-quant"])}]
-    out = {"logits": table(rows, ["compare", "max |d| / std", "mean |d| / std", "top-1 agree"],
-                           f"INT8 vs fake-quant on {x.shape[1]} random tokens (top-1: argmax over the last dim)")}
-    del logits
-    free()
-    n_bf16, n_int8 = weight_bytes(V["bf16"]), weight_bytes(V["static int8"])
-    rest = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if not n.startswith("layers.")
-               or "norm" in n)
-    out["memory"] = table([{"weights": v, "linears GB": b / 1e9, "whole model GB": (b + rest) / 1e9}
-                           for v, b in (("bf16", n_bf16), ("static int8", n_int8))],
-                          ["weights", "linears GB", "whole model GB"], "weight memory")
-    if gpu:
-        m.compile_blocks()
-    main_v = ("bf16", "dynamic int8", "static int8")
-    rows = []
+    rows = [{"compare": f"{b} vs {a_}, {what}", **compare(d[a_], d[b])}
+            for what, d in (("logits", logits), ("layer 0 output", layer))
+            for a_, b in (("fake-quant", "static int8"), ("bf16", "fake-quant"))]
+    return table(rows, ["compare", "max |d| / std", "mean |d| / std", "top-1 agree"],
+                 f"INT8 vs fake-quant on {x.shape[1]} random tokens (top-1: argmax over the last dim)")
+
+
+def memory(m, V):
+    """Bytes of the decoder linears (int8: codes + fp32 scales) and of the whole model."""
+    rest = sum(p.numel() * p.element_size() for n, p in m.named_parameters()
+               if not n.startswith("layers.") or "norm" in n)              # embeddings, head, norms
+    rows = [{"weights": v, "linears GB": weight_bytes(V[v]) / 1e9, "whole model GB": (weight_bytes(V[v]) + rest) / 1e9}
+            for v in ("bf16", "static int8")]
+    return table(rows, ["weights", "linears GB", "whole model GB"], "weight memory")
+
+
+def speed(a, m, V, inputs, title, **kw):
+    """ms per model call for bf16 / dynamic INT8 / static INT8, one row per input."""
+    main_v, rows = ("bf16", "dynamic int8", "static int8"), []
     with torch.no_grad():
-        for b in ((1, 8) if gpu else (1, 2)):
-            tok = torch.randint(args.vocab_size, (b, 2048 if gpu else 64), device=dev)
-            r = {"batch": b, "tokens": tok.numel()}
+        for tok in inputs:
+            r = {"batch": tok.shape[0], "tokens": tok.numel()}
             for v in main_v:
                 use(m, V[v])
-                r[v] = timed(lambda: m(tok), max(2, a.reps // 5))
+                r[v] = timed(lambda: m(tok, **kw), a.reps if tok.shape[1] == 1 else max(2, a.reps // 5))
             r["static/dyn"], r["static/bf16"] = r["dynamic int8"] / r["static int8"], r["bf16"] / r["static int8"]
+            r["static tokens/s"] = tok.numel() / r["static int8"] * 1e3
             rows.append(r)
             free()
-        out["prefill"] = table(rows, ["batch", "tokens", *main_v, "static/dyn", "static/bf16"],
-                               f"prefill, ms per forward (seq {tok.shape[1]})")
-        ctx = 512 if gpu else 32
-        batches = (1, 8, 32, 64) if gpu else (1, 4)
-        m.setup_cache(max(batches), ctx + 1)
-        rows = []
-        for b in batches:
-            tok = torch.randint(args.vocab_size, (b, 1), device=dev)
-            r = {"batch": b}
-            for v in main_v:
-                use(m, V[v])
-                r[v] = timed(lambda: m(tok, pos=ctx), a.reps)
-            r["static/dyn"], r["static/bf16"] = r["dynamic int8"] / r["static int8"], r["bf16"] / r["static int8"]
-            r["static tokens/s"] = b / r["static int8"] * 1e3
-            rows.append(r)
-        m.setup_cache(0, 0)
-        out["decode"] = table(rows, ["batch", *main_v, "static/dyn", "static/bf16", "static tokens/s"],
-                              f"decode, ms per step ({ctx} tokens in the KV cache)")
+    return table(rows, ["batch", "tokens", *main_v, "static/dyn", "static/bf16", "static tokens/s"], title)
+
+
+def sec_infer(a, dev, args, results):
+    gpu = dev == "cuda"
+    m = build(args, dev)
+    V = variants(m, torch.randint(args.vocab_size, (2, 512 if gpu else 32), device=dev))
+    out = {"logits": agreement(m, V, torch.randint(args.vocab_size, (1, 512 if gpu else 32), device=dev))}
+    for q in V["fake-quant"]:
+        q.frozen = None                               # drop the fake-quant weight-code cache
+    out["memory"] = memory(m, V)
+    if gpu:
+        m.compile_blocks()
+    seq, ctx, batches = (2048, 512, (1, 8, 32, 64)) if gpu else (64, 32, (1, 4))
+    out["prefill"] = speed(a, m, V, [torch.randint(args.vocab_size, (b, seq), device=dev) for b in batches[:2]],
+                           f"prefill, ms per forward (seq {seq})")
+    m.setup_cache(max(batches), ctx + 1)
+    out["decode"] = speed(a, m, V, [torch.randint(args.vocab_size, (b, 1), device=dev) for b in batches],
+                          f"decode, ms per step ({ctx} tokens in the KV cache)", pos=ctx)
+    m.setup_cache(0, 0)
     return out
 
 
-def sec_eval(a, dev, args):
+def sec_eval(a, dev, args, results):
     """WikiText-2 test with the LLaMA-2 tokenizer is 166 windows of 2048 tokens; eval.py's GPU batch is 8."""
     gpu = dev == "cuda"
     m = build(args, dev)
@@ -287,7 +284,8 @@ def train_flops_per_token(args, seq):
     return 6 * args.n_layers * per_layer + 4 * args.dim * args.vocab_size + 3 * args.n_layers * 2 * seq * args.dim
 
 
-def sec_train(a, dev, args, peak_tflops):
+def sec_train(a, dev, args, results):
+    peak_tflops = results["peak"][0]["TFLOP/s"]
     import train
     gpu = dev == "cuda"
     seq, steps = (2048, 6) if gpu else (64, 3)
@@ -345,54 +343,50 @@ def profile_step(m, qs, wins, batch):
                  ["kernels", "ms per step", "share"], f"GPU time of a training step, batch {batch}, no checkpointing")
 
 
-def sec_load(a, dev, args):
-    """Time llama.load on a HF-layout folder of the 7B shape (2 safetensors shards, like the hub's)."""
-    import shutil
-    import tempfile
-
+def write_hf(m, args, folder, tokenizer):
+    """Save `m` as a Hugging Face folder: config.json, 2 safetensors shards (as the hub's 7B has), the
+    tokenizer. q/k rows are not HF-permuted (random weights); the loader still does its permutation."""
     from safetensors.torch import save_file
+    to_hf, top = {v: k for k, v in llama.HF_LEAF.items()}, {v: k for k, v in llama.HF_TOP.items()}
+    sd = {}
+    for k, v in m.state_dict().items():
+        if k.startswith("layers."):
+            _, i, *mid, leaf = k.split(".")
+            k = f"model.layers.{i}.{to_hf['.'.join(mid)]}.{leaf}"
+        sd[top.get(k, k)] = v.cpu()
+    keys = list(sd)
+    for j, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+        save_file({k: sd[k] for k in part}, os.path.join(folder, f"model-{j + 1:05d}-of-00002.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+                   "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+                   "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+                   "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False}, f)
+    shutil.copy(tokenizer, os.path.join(folder, "tokenizer.model"))
+
+
+def sec_load(a, dev, args, results):
+    """Time llama.load on a HF-layout folder of the 7B shape (written first, so the page cache is warm)."""
     if not a.tokenizer:
         print("\n## load: skipped (needs --tokenizer PATH/tokenizer.model)")
         return []
     folder = tempfile.mkdtemp(prefix="bench-hf-", dir=a.load_dir)
     try:
-        m = build(args, dev)
-        to_hf = {v: k for k, v in llama.HF_LEAF.items()}
-        sd = {}
-        for k, v in m.state_dict().items():
-            if k.startswith("layers."):
-                _, i, *mid, leaf = k.split(".")
-                k = f"model.layers.{i}.{to_hf['.'.join(mid)]}.{leaf}"
-            else:
-                k = {v_: k_ for k_, v_ in llama.HF_TOP.items()}[k]
-            sd[k] = v.cpu()
-        del m
-        free()
         t0 = time.perf_counter()
-        keys = list(sd)
-        for j, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
-            save_file({k: sd[k] for k in part}, os.path.join(folder, f"model-{j + 1:05d}-of-00002.safetensors"))
-        json.dump({"hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
-                   "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
-                   "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-                   "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False},
-                  open(os.path.join(folder, "config.json"), "w"))
-        shutil.copy(a.tokenizer, os.path.join(folder, "tokenizer.model"))
+        write_hf(build(args, dev), args, folder, a.tokenizer)
         write_s = time.perf_counter() - t0
-        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-        del sd
         free()
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
         t0 = time.perf_counter()
         m, _ = llama.load(folder, dev, torch.bfloat16)
         if dev == "cuda":
             torch.cuda.synchronize()
         load_s = time.perf_counter() - t0
         del m
-        free()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return table([{"GB on disk": size / 1e9, "write s": write_s, "llama.load s (warm page cache)": load_s,
-                   "GB/s": size / 1e9 / load_s}], ["GB on disk", "write s", "llama.load s (warm page cache)", "GB/s"],
+    cols = ["GB on disk", "build + write s", "llama.load s (warm page cache)", "GB/s"]
+    return table([dict(zip(cols, (size / 1e9, write_s, load_s, size / 1e9 / load_s)))], cols,
                  "loading a HF safetensors checkpoint")
 
 
@@ -417,23 +411,15 @@ def main(argv=None):
         cfg.accumulated_recompile_limit = 4096
     device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, int8 back end {int8.BACKEND if dev == 'cuda' else 'torch'}")
-    results, peak = {}, None
+    results = {}
+    run = {"linear": sec_linear, "infer": sec_infer, "eval": sec_eval, "train": sec_train, "load": sec_load}
     for s in sections:
         t0 = time.perf_counter()
         try:
-            if s == "peak" or (s == "train" and peak is None):
-                results["peak"] = sec_peak(a, dev)
-                peak = results["peak"][0]["TFLOP/s"]
-            if s == "linear":
-                results[s] = sec_linear(a, dev)
-            elif s == "infer":
-                results[s] = sec_infer(a, dev, args)
-            elif s == "eval":
-                results[s] = sec_eval(a, dev, args)
-            elif s == "train":
-                results[s] = sec_train(a, dev, args, peak)
-            elif s == "load":
-                results[s] = sec_load(a, dev, args)
+            if s == "peak" or (s == "train" and "peak" not in results):     # train needs the peak for MFU
+                results["peak"] = sec_peak(a, dev, args, results)
+            if s != "peak":
+                results[s] = run[s](a, dev, args, results)
         except Exception as e:           # on a GPU run, one failing section must not cost the others
             if a.tiny:
                 raise
