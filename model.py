@@ -204,7 +204,7 @@ class Transformer(nn.Module):
     def generate(self, tokens, max_new_tokens: int, eos_id=None):
         """Greedy decoding with a KV cache. tokens: (1, T)."""
         T = tokens.shape[1]
-        n = min(max_new_tokens, self.args.max_seq_len - T)
+        n = max(0, min(max_new_tokens, self.args.max_seq_len - T))   # the prompt may already fill it
         self.setup_cache(1, T + n)
         try:
             logits = self(tokens)[0]
