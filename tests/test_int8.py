@@ -97,3 +97,23 @@ def test_bench_tiny_runs_on_cpu(tmp_path):
     assert [r["checkpointing"] for r in res["train"]] == [False, False, True, True]
     assert all(r["tokens/s"] > 0 and 0 < r["MFU"] for r in res["train"])
     assert res["load"][0]["GB on disk"] > 0
+
+
+def test_smollm2_int8_logits_equal_fake_quant(smollm):
+    """The real model with the committed H100-trained scales: on the CPU in fp32 every integer sum is
+    exact in both paths, so the INT8 logits equal the fake-quant logits bit for bit."""
+    m, tok = smollm
+    x = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. " * 8)])
+    sasq.load(os.path.join(ROOT, "results", "w8a8-max.safetensors"), m)
+    try:
+        sasq.freeze(m)
+        with torch.no_grad():
+            ref = m(x)[0]
+            int8.convert(m)
+            out = m(x)[0]
+        assert sum(isinstance(mod, int8.Int8Linear) for mod in m.modules()) == 7 * m.args.n_layers
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    finally:
+        int8.revert(m)
+        sasq.detach(m)
+    assert not any(isinstance(mod, (int8.Int8Linear, sasq.QuantLinear)) for mod in m.modules())
