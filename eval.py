@@ -3,13 +3,19 @@
     python eval.py                                      # fp perplexity of the embedded default
     python eval.py --modes fp,w8,dynamic,static-tensor,static-channel --scales scales.safetensors
     python eval.py --test wikitext:wikitext-2-raw-v1:test --test hamlet --json results.json
+    python eval.py --scales deploy.safetensors --hf smollm2-w8a8 --greedy 32     # + the exported folder
 
 Modes: fp; w8 (weights only); dynamic (W8A8, per-token absmax at run time); static-tensor (one static
 scale per tensor, the max over calibration); static-channel (per-channel static scales after PTQ
-initialisation only); sasq (one row per --scales file, trained by train.py).
+initialisation only); one SASQ row per --scales file (train.py); one row per --hf folder, run by
+transformers (export.py's output, or any HF / compressed-tensors checkpoint: llmcompressor's, say).
+--greedy N: N prompts of 64 tokens cut from the first test text, 64 greedy tokens each; per mode,
+the share of next tokens equal to fp's (teacher-forced on fp's continuation) and the mean length of
+the generated prefix identical to fp's.
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -51,7 +57,12 @@ def parse_args(argv=None):
                    "costs what fp does (bench.py eval); pays off on 7B, not on a 135M model")
     p.add_argument("--int8", action="store_true", help="run SASQ rows through real INT8 GEMMs (int8.py)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
-    p.add_argument("--prompt", default=None, help="print a greedy completion of this prompt (fp model)")
+    p.add_argument("--hf", action="append", default=[], help="a Hugging Face folder to evaluate through "
+                   "transformers (e.g. export.py's output); repeatable")
+    p.add_argument("--prompt", default=None, help="print each mode's greedy completion of this prompt beside fp's")
+    p.add_argument("--greedy", type=int, default=0, help="greedy agreement with fp on N prompts from the test text")
+    p.add_argument("--decode", choices=("static", "dynamic"), default="static", help="SASQ rows: scales of "
+                   "one-token decode steps (dynamic: static prefill, per-token dynamic decode)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     data.check_args(p, a)
@@ -59,26 +70,93 @@ def parse_args(argv=None):
 
 
 def attach_mode(model, tok, mode, a):
-    """Put the model into one evaluation mode; returns a label for the table."""
+    """Put the model into one evaluation mode ("fp", a baseline name, or ("scales", path)); returns
+    (label, weight bits, activation bits) for the table."""
     if mode == "fp":
-        return "fp"
-    if mode.endswith(".safetensors") or os.path.exists(mode):
-        _, cfg = sasq.load(mode, model)
-        label = f"SASQ W{cfg.wbits}A{cfg.abits}" + ("" if cfg.truncation else " no truncation") + \
-            f" [{os.path.basename(mode)}]"
+        return "fp", None, None
+    if isinstance(mode, tuple):                 # a scales file: its own config, never the command line's bits
+        qs, cfg = sasq.load(mode[1], model)
+        for q in (q for qs_ in qs for q in qs_.values()):
+            q.decode = a.decode
+        label = f"SASQ W{cfg.wbits}A{cfg.abits}" + (" deployable" if cfg.tied_wo and not cfg.truncation else
+                                                   "" if cfg.truncation else " no truncation") + \
+            (" decode dynamic" if a.decode == "dynamic" else "") + f" [{os.path.basename(mode[1])}]"
         if a.int8:
             import int8
             int8.convert(model)
-            return label + " INT8"
-    else:
-        make, init, label = BASELINES[mode]
-        qs = sasq.attach(model, make(a.wbits, a.abits))
-        if init is not None:
-            cal = data.token_windows(tok, a.calib, a.calib_seq_len, a.calib_windows)
-            sasq.calibrate(model, qs, cal, batch_size=4, method=init)
-        label = label.format(w=a.wbits, a=a.abits)
+            label += " INT8"
+        sasq.freeze(model)
+        return label, cfg.wbits, cfg.abits
+    make, init, label = BASELINES[mode]
+    qs = sasq.attach(model, make(a.wbits, a.abits))
+    if init is not None:
+        cal = data.token_windows(tok, a.calib, a.calib_seq_len, a.calib_windows)
+        sasq.calibrate(model, qs, cal, batch_size=4, method=init)
     sasq.freeze(model)
-    return label
+    return label.format(w=a.wbits, a=a.abits), a.wbits, a.abits
+
+
+def detach_mode(model, a):
+    if a.int8:
+        import int8
+        int8.revert(model)
+    sasq.detach(model)
+
+
+class HFModel:
+    """A transformers model behind our model's interface: model(tokens) -> (logits,), generate()."""
+
+    def __init__(self, folder, device, dtype):
+        from transformers import AutoModelForCausalLM
+        self.hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, tokens):
+        return (self.hf(tokens).logits,)
+
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens, eos_id=None):
+        return self.hf.generate(tokens, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+@torch.no_grad()
+def greedy_agreement(m, prompts, fp_out):
+    """(share of fp's next tokens that m also predicts on fp's continuation, mean identical free-run prefix)."""
+    same, total, prefix = 0, 0, 0
+    for p, ref in zip(prompts, fp_out):
+        P = p.shape[1]
+        pred = m(ref[:, :-1])[0][0, P - 1:].argmax(-1)            # teacher-forced on fp's continuation
+        same += (pred == ref[0, P:]).sum().item()
+        total += ref.shape[1] - P
+        gen = m.generate(p, ref.shape[1] - P)[0, P:]
+        diff = (gen[:ref.shape[1] - P] != ref[0, P:]).nonzero()
+        prefix += diff[0].item() if len(diff) else ref.shape[1] - P
+    return same / total, prefix / len(prompts)
+
+
+def score(m, label, bits, wins, a, ctx):
+    """One table row: perplexity (and seconds) per text, greedy agreement, the prompt's completion."""
+    row = {"mode": label, "wbits": bits[0], "abits": bits[1]}
+    for t, w in wins.items():
+        sync = torch.cuda.synchronize if str(a.device).startswith("cuda") else (lambda: None)
+        sync()
+        t0 = time.time()
+        row[t] = data.perplexity(m, w, a.batch_size, a.device)
+        sync()
+        row[f"{t} seconds"], row[f"{t} windows"] = time.time() - t0, len(w)
+    if a.greedy:
+        if "fp_out" not in ctx:     # fp comes first: its continuations are the reference
+            ctx["fp_out"] = [m.generate(p, 64) for p in ctx["prompts"]]
+        row["greedy agreement"], row["greedy prefix"] = greedy_agreement(m, ctx["prompts"], ctx["fp_out"])
+    if a.prompt:
+        out = m.generate(ctx["prompt"], 32)
+        row["completion"] = ctx["tok"].decode(out[0, ctx["prompt"].shape[1]:].tolist())
+    extra = f" | greedy agreement {row['greedy agreement']:.3f}, prefix {row['greedy prefix']:.1f}" if a.greedy else ""
+    print(f"{label}: " + " | ".join(f"{t} ppl {row[t]:.3f}" for t in wins) + extra, flush=True)
+    if a.prompt:
+        print(f"    {row['completion']!r}")
+    return row
 
 
 def main(argv=None):
@@ -86,50 +164,53 @@ def main(argv=None):
     gpu = a.device.startswith("cuda")
     a.batch_size = a.batch_size or (8 if gpu else 1)
     a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
-    modes = [m for m in a.modes.split(",") if m] + a.scales
-    bad = [m for m in modes if m not in ("fp", *BASELINES) and m not in a.scales]
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [m for m in modes if m not in ("fp", *BASELINES)]
     if bad:
-        raise SystemExit(f"error: unknown mode(s) {', '.join(bad)}; choose from fp, {', '.join(BASELINES)}")
+        raise SystemExit(f"error: unknown mode(s) {', '.join(bad)}; choose from fp, {', '.join(BASELINES)} "
+                         "(scales files go to --scales)")
+    for path in a.scales:           # unreadable or non-finite scales fail before any row is computed
+        sasq.read_config(path)
     model, tok = llama.load(a.ckpt, a.device, getattr(torch, a.dtype))
     data.check_seq_len(model, a.seq_len)
     if a.compile and gpu:
         model.compile_blocks()
-    if a.prompt:
-        out = model.generate(torch.tensor([tok.encode(a.prompt)], device=a.device), 32, tok.eos_id)
-        print(repr(tok.decode(out[0].tolist())))
     tests = a.test or [data.TEST]
     wins = {t: data.token_windows(tok, t, a.seq_len, a.limit) for t in tests}
+    ctx = {"tok": tok}
+    if a.greedy:     # prompts of 64 tokens, evenly spaced through the first test text
+        ids = data.token_windows(tok, tests[0], 64)
+        step = max(1, len(ids) // a.greedy)
+        ctx["prompts"] = [ids[i:i + 1].to(a.device) for i in range(0, step * a.greedy, step)][:a.greedy]
+        modes = ["fp"] + [m for m in modes if m != "fp"]      # fp's continuations are the reference
+    if a.prompt:
+        ctx["prompt"] = torch.tensor([tok.encode(a.prompt)], device=a.device)
     rows = []
-    for mode in modes:
-        label = attach_mode(model, tok, mode, a)
-        row = {"mode": label, "wbits": a.wbits, "abits": a.abits}
-        for t, w in wins.items():
-            if str(a.device).startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.time()
-            row[t] = data.perplexity(model, w, a.batch_size, a.device)
-            if str(a.device).startswith("cuda"):
-                torch.cuda.synchronize()
-            row[f"{t} seconds"] = time.time() - t0
-            row[f"{t} windows"] = len(w)
-        print(f"{label}: " + " | ".join(f"{t} ppl {row[t]:.3f}" for t in tests), flush=True)
-        rows.append(row)
-        if a.int8:
-            import int8
-            int8.revert(model)
-        sasq.detach(model)
+    for mode in modes + [("scales", s) for s in a.scales]:
+        label, *bits = attach_mode(model, tok, mode, a)
+        rows.append(score(model, label, bits, wins, a, ctx))
+        detach_mode(model, a)
+    for folder in a.hf:
+        rows.append(score(HFModel(folder, a.device, getattr(torch, a.dtype)), f"HF [{os.path.basename(folder.rstrip('/'))}]",
+                          (None, None), wins, a, ctx))
     print(markdown_table(rows, tests))
     if a.json:
+        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
         with open(a.json + ".tmp", "w") as f:
-            json.dump({"ckpt": a.ckpt or llama.DEFAULT_CKPT, "seq_len": a.seq_len, "rows": rows}, f, indent=1)
+            json.dump({"ckpt": a.ckpt or llama.DEFAULT_CKPT, "seq_len": a.seq_len, "rows": clean}, f, indent=1,
+                      allow_nan=False)
         os.replace(a.json + ".tmp", a.json)
 
 
 def markdown_table(rows, tests):
-    head = "| mode | " + " | ".join(f"{t} ppl | s" for t in tests) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(tests))]
+    greedy = "greedy agreement" in rows[0]
+    head = "| mode | " + " | ".join(f"{t} ppl | s" for t in tests) + (" | greedy agreement | prefix" if greedy else "")
+    lines = [head + " |", "|" + "---|" * (1 + 2 * len(tests) + 2 * greedy)]
     for r in rows:
-        lines.append(f"| {r['mode']} | " + " | ".join(f"{r[t]:.3f} | {r[t + ' seconds']:.1f}" for t in tests) + " |")
+        cells = [f"{r[t]:.3f} | {r[t + ' seconds']:.1f}" for t in tests]
+        if greedy:
+            cells.append(f"{r['greedy agreement']:.3f} | {r['greedy prefix']:.1f}")
+        lines.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -125,7 +125,7 @@ class Int8Linear(nn.Module):
         if act.mode != "static" or act.bits != 8 or ql.wbits != 8:
             raise ValueError("Int8Linear needs static W8A8 scales")
         with torch.no_grad():
-            s = act.log_scale.exp().float()
+            s = act.scale().float()
             wq, sw = sasq.quantize_weight(ql.linear.weight.float() * s, 8)
             self.register_buffer("weight", wq.to(torch.int8).contiguous())       # (out, in) codes of W * s
             self.register_buffer("w_scale", sw.float())                          # (out,)

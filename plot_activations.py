@@ -84,7 +84,7 @@ def after(q, x):
 def point_stats(q, x):
     """Fraction of values on the clip (codes at the grid's ends) and the drop of max |x|."""
     with torch.no_grad():
-        t = q.truncate(x.to(q.log_scale.device)) / q.log_scale.exp()
+        t = q.truncate(x.to(q.log_scale.device)) / q.scale()
         clipped = ((t > sasq.qmax(q.bits)) | (t < -sasq.qmax(q.bits) - 1)).float().mean().item()
     xa = after(q, x).cpu()
     return {"clipped": clipped, "max_before": x.abs().max().item(), "max_after": xa.abs().max().item(),
@@ -95,7 +95,7 @@ def point_stats(q, x):
 
 def thresholds(q):
     """Per-channel clip threshold qmax * s (broadcast to channels), and the truncation c if any."""
-    clip = (sasq.qmax(q.bits) * q.log_scale.exp()).detach().float().cpu()
+    clip = (sasq.qmax(q.bits) * q.scale()).detach().float().cpu()
     c = q.log_c.exp().detach().float().cpu() if q.log_c is not None else None
     return clip, c
 

@@ -64,6 +64,8 @@ class QuantConfig:
     act: str = "static"            # static (SASQ, PTQ) | dynamic (per-token absmax at run time)
     per_channel: bool = True       # static scales per input channel, or one per tensor
     truncation: bool = True        # learnable c * tanh(x / c) at the attention and FFN inputs
+    tied_wo: bool = False          # one wo-input scale per kv channel, shared by its query heads (GQA):
+                                   # then it folds into the rows of wv (export.py)
 
     def __post_init__(self):
         for b in (self.wbits, self.abits):
@@ -75,16 +77,29 @@ class QuantConfig:
 
 class ActQuantizer(nn.Module):
     """Quantizes one activation tensor (..., dim). Returns (codes, scale); scale is
-    (dim,) or (1,) for static scales, (..., 1) per token for dynamic ones, None when off."""
+    (dim,) or (1,) for static scales, (..., 1) per token for dynamic ones, None when off.
 
-    def __init__(self, dim: int, cfg: QuantConfig, truncate: bool):
+    `groups=(n_kv, n_rep, head_dim)` ties the scales of the wo input (n_heads * head_dim channels)
+    across the n_rep query heads that read one kv head: n_kv * head_dim trained scales, expanded."""
+
+    def __init__(self, dim: int, cfg: QuantConfig, truncate: bool, groups=None):
         super().__init__()
-        self.bits, self.mode = cfg.abits, cfg.act
-        self.log_scale = nn.Parameter(torch.zeros(dim if cfg.per_channel else 1))
+        self.bits, self.mode, self.groups = cfg.abits, cfg.act, groups
+        n = 1 if not cfg.per_channel else dim if groups is None else groups[0] * groups[2]
+        self.log_scale = nn.Parameter(torch.zeros(n))
         # thresholds start out of reach (identity); calibrate() sets them from the data
         use_c = truncate and cfg.truncation and cfg.act == "static" and cfg.abits is not None
         self.log_c = nn.Parameter(torch.full((dim,), math.log(1e4))) if use_c else None
         self.observed = None           # per-channel absmax of each calibration batch, when observing
+        self.decode = "static"         # "dynamic": decode steps (one token) take per-token scales instead
+
+    def scale(self):
+        """The static scale per input channel, (dim,) (or (1,) per tensor)."""
+        s = self.log_scale.exp()
+        if self.groups is not None and s.numel() > 1:          # (n_kv, hd) -> (n_kv, n_rep, hd) -> (dim,)
+            n_kv, n_rep, hd = self.groups
+            s = s.view(n_kv, 1, hd).expand(n_kv, n_rep, hd).reshape(-1)
+        return s
 
     def truncate(self, x):
         """Adaptive non-linear truncation: ~identity where |x| << c, squeezes outliers towards +-c."""
@@ -100,11 +115,18 @@ class ActQuantizer(nn.Module):
         if self.bits is None:
             return x, None
         x = self.truncate(x)
-        if self.mode == "dynamic":                            # a max over channels, every token, at run time
+        if self.per_token(x):                                 # a max over channels, every token, at run time
+            if self.mode == "static":
+                x = x / self.scale()                          # the folded model's activation (export.py)
             s = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / qmax(self.bits)
         else:                                                 # static: fixed before inference
-            s = self.log_scale.exp()
+            s = self.scale()
         return quantize(x, s, self.bits), s
+
+    def per_token(self, x):
+        """Does this call use run-time per-token scales? In dynamic mode always; with static scales only
+        for one-token decode steps when decode == "dynamic" (static prefill, dynamic decode)."""
+        return self.mode == "dynamic" or (self.decode == "dynamic" and x.shape[-2] == 1)
 
 
 # --------------------------------------------------------------------------- 3. the quantized linear
@@ -126,7 +148,7 @@ class QuantLinear(nn.Module):
             return self.frozen
         w = self.linear.weight
         if self.act.mode == "static" and self.act.bits is not None:
-            w = w * self.act.log_scale.exp()                  # fold s into the input columns of W
+            w = w * self.act.scale()                          # fold s into the input columns of W
         wq, sw = quantize_weight(w, self.wbits)
         return wq.to(self.linear.weight.dtype), sw       # codes <= 127 are exact in bf16 too
 
@@ -138,7 +160,7 @@ class QuantLinear(nn.Module):
         y = F.linear(q.to(wq.dtype), wq)                      # the int8 GEMM (exact in fp32 accumulation)
         if sw is not None:
             y = y * sw.to(y.dtype)
-        if self.act.mode == "dynamic" and s is not None:
+        if s is not None and self.act.per_token(x):           # per-token scales stay outside the GEMM
             y = y * s.to(y.dtype)
         return y
 
@@ -157,9 +179,11 @@ def attach(model, cfg: QuantConfig) -> nn.ModuleList:
     quantizers = nn.ModuleList()
     for layer in model.layers:
         qs = nn.ModuleDict()
+        at = layer.attention
         for point, (sub, names, trunc) in POINTS.items():
             parent = getattr(layer, sub)
-            qs[point] = ActQuantizer(getattr(parent, names[0]).in_features, cfg, trunc)
+            groups = (at.n_kv_heads, at.n_heads // at.n_kv_heads, at.head_dim) if point == "wo" and cfg.tied_wo else None
+            qs[point] = ActQuantizer(getattr(parent, names[0]).in_features, cfg, trunc, groups)
             for n in names:
                 setattr(parent, n, QuantLinear(getattr(parent, n), qs[point], cfg.wbits))
         quantizers.append(qs)
@@ -214,6 +238,9 @@ def calibrate(model, quantizers, wins, batch_size=1, method="mean", trunc_mult=4
             q.log_c.copy_((trunc_mult * a.amax(0).clamp(min=1e-6)).log())
         if q.log_scale.numel() == 1:
             a = a.amax(-1, keepdim=True)                        # per tensor: the batch's overall absmax
+        elif q.groups is not None:                              # tied wo: the max over the query heads of a group
+            n_kv, n_rep, hd = q.groups
+            a = a.view(-1, n_kv, n_rep, hd).amax(2).flatten(1)
         init = a.mean(0) if method == "mean" else a.amax(0)
         q.log_scale.copy_((init.clamp(min=1e-6) / qmax(q.bits or 8)).log())
 
@@ -232,20 +259,36 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None):
-    """Write scales and thresholds (safetensors) with the config and the model's fingerprint; atomically."""
+def check_scales(tensors: dict, path=""):
+    """Scales and thresholds must be finite and positive (in scale space: log s = 1e9 is finite, e^(1e9) is not)."""
+    for k, v in tensors.items():
+        e = v.detach().double().exp()
+        if not bool(torch.isfinite(e).all() and (e > 0).all()):
+            raise ScalesError(f"{path}{': ' if path else ''}{k} holds non-finite or zero scales; refusing them")
+
+
+def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None, force=True):
+    """Write scales and thresholds (safetensors) with the config and the model's fingerprint; atomically.
+    With force=False an existing file, even one created while this run went on, is never replaced."""
     import os
     from safetensors.torch import save_file
     meta = {"config": json.dumps(asdict(cfg)), "fingerprint": fingerprint(model),
-            "extra": json.dumps(extra or {})}
+            "extra": json.dumps(extra or {}, allow_nan=False, default=str)}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in quantizers.state_dict().items()}
+    check_scales(tensors)
     tmp = f"{path}.tmp"
     save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    if force:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)            # atomic, and fails if `path` exists
+    except FileExistsError:
+        raise ScalesError(f"{path} appeared while this run was going; not replaced (the scales are in {tmp})") from None
+    os.remove(tmp)
 
 
-def load(path, model):
-    """Attach quantizers to `model` with the scales stored in `path`; refuses a file for another model."""
+def _read(path):
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(path, framework="pt") as f:
@@ -253,6 +296,18 @@ def load(path, model):
         cfg = QuantConfig(**json.loads(meta["config"]))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise ScalesError(f"{path}: not a readable scales file ({type(e).__name__}: {str(e)[:100]})") from None
+    check_scales(tensors, path)
+    return meta, tensors, cfg
+
+
+def read_config(path) -> QuantConfig:
+    """The quantizer config a scales file was trained with (checked readable and finite)."""
+    return _read(path)[2]
+
+
+def load(path, model):
+    """Attach quantizers to `model` with the scales stored in `path`; refuses a file for another model."""
+    meta, tensors, cfg = _read(path)
     if meta.get("fingerprint") != fingerprint(model):
         raise ScalesError(f"{path}: these scales belong to another model (fingerprint "
                           f"{meta.get('fingerprint')}, this model is {fingerprint(model)})")

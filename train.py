@@ -28,6 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--wbits", type=int, default=8)
     p.add_argument("--abits", type=int, default=8)
     p.add_argument("--no-truncation", action="store_true", help="ablation: no c*tanh(x/c) truncation")
+    p.add_argument("--deployable", action="store_true", help="the recipe export.py can fold into a standard "
+                   "static W8A8 checkpoint: no truncation, wo scales tied across each GQA group")
     p.add_argument("--init", choices=("mean", "max"), default="max",
                    help="PTQ init: max or (the paper's) mean over batches of the per-channel absmax")
     p.add_argument("--trunc-mult", type=float, default=4.0, help="initial threshold c = this x calib absmax")
@@ -155,7 +157,8 @@ def main(argv=None):
         raise SystemExit(f"error: --resume but no {state} from an interrupted run")
     torch.manual_seed(a.seed)
     model, train_wins, calib_wins, held = prepare(a)
-    cfg = sasq.QuantConfig(wbits=a.wbits, abits=a.abits, truncation=not a.no_truncation)
+    cfg = sasq.QuantConfig(wbits=a.wbits, abits=a.abits, truncation=not (a.no_truncation or a.deployable),
+                           tied_wo=a.deployable)
     fp_ppl = data.perplexity(model, held, a.batch_size, a.device)
     quantizers = sasq.attach(model, cfg)
     sasq.calibrate(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult)

@@ -1,0 +1,227 @@
+"""Export to a Hugging Face folder that transformers and serving engines load.
+
+    python export.py --out smollm2-hf                                   # plain bf16 HF model (GGUF/Meta -> HF)
+    python export.py --scales deploy.safetensors --out smollm2-w8a8     # SASQ static W8A8, compressed-tensors
+    python export.py --ckpt llama-2-7b --scales deploy.safetensors --out llama-2-7b-sasq-w8a8
+
+Why SASQ's scales can be shipped at all. Engines (vLLM's compressed-tensors, TensorRT-LLM, torchao)
+take one static activation scale per *tensor* (`input_scale`, shape (1,)), never one per input
+channel. But each of SASQ's four quantized activations is made by an op that is linear channel by
+channel in its output, so a per-channel scale s folds into that op exactly:
+  attention input  rmsnorm(h) * gain              ->  gain / s_attn
+  FFN input        rmsnorm(h) * gain              ->  gain / s_ffn
+  wo input         softmax(q k^T) v, head by head ->  rows of wv / s_wo  (one scale per kv channel: GQA)
+  w2 input         silu(w1 x) * (w3 x)            ->  rows of w3 / s_w2
+Each activation then arrives already divided by its scale and is quantized with input_scale = 1. The
+int8 weight codes are exactly the codes of W * s that SASQ trained with; dividing the rows of wv and
+w3 changes only their per-row weight_scale, never their codes. c * tanh(x / c) has no such home:
+scales trained with it are refused (train with `train.py --deployable`).
+"""
+import argparse
+import json
+import os
+import shutil
+
+import torch
+
+import data
+import model as llama
+import sasq
+
+SHARD_BYTES = 4 << 30       # safetensors shards of at most 4 GiB, with an index, as the hub's models are
+
+
+# --------------------------------------------------------------------------- Meta names -> HF names
+
+TO_HF_TOP = {v: k for k, v in llama.HF_TOP.items()}
+TO_HF_LEAF = {v: k for k, v in llama.HF_LEAF.items()}
+
+
+def permute_meta_to_hf(w, n_heads):
+    """The inverse of model._permute_hf_to_meta: adjacent RoPE pairs -> HF's halves. w: (n*hd, dim)."""
+    d, dim = w.shape
+    return w.view(n_heads, d // n_heads // 2, 2, dim).transpose(1, 2).reshape(d, dim)
+
+
+def hf_name(name: str) -> str:
+    """layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight (also .weight_scale etc.)."""
+    if not name.startswith("layers."):
+        return TO_HF_TOP[name]
+    _, i, *mid, leaf = name.split(".")
+    return f"model.layers.{i}.{TO_HF_LEAF['.'.join(mid)]}.{leaf}"
+
+
+def to_hf(sd: dict, a: llama.ModelArgs) -> dict:
+    """Rename to HF and put the q/k rows (and their per-row scales) back into HF's RoPE order."""
+    out = {}
+    for k, v in sd.items():
+        n = a.n_heads if ".attention.wq." in k else a.n_kv_heads if ".attention.wk." in k else None
+        if n is not None and v.dim() == 2:
+            v = permute_meta_to_hf(v, n)
+        out[hf_name(k)] = v.contiguous()
+    return out
+
+
+def hf_config(a: llama.ModelArgs, tok, dtype) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+            "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
+            "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": a.dim // a.n_heads,
+            "hidden_act": "silu", "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps,
+            "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len,
+            "tie_word_embeddings": a.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+            "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "torch_dtype": str(dtype).split(".")[-1]}
+
+
+# compressed-tensors: int8 weights per output channel, int8 activations per tensor, both static, symmetric
+QUANTIZATION_CONFIG = {
+    "quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
+                              "dynamic": False}}},
+    "ignore": ["lm_head"]}
+
+
+# --------------------------------------------------------------------------- folding
+
+def check_foldable(cfg: sasq.QuantConfig, a: llama.ModelArgs):
+    """Refuse, in one line, scales that no per-tensor static W8A8 engine format can hold."""
+    if cfg.act != "static" or cfg.wbits != 8 or cfg.abits != 8:
+        raise sasq.ScalesError(f"export writes static W8A8; these scales are W{cfg.wbits}A{cfg.abits} {cfg.act}")
+    if cfg.truncation:
+        raise sasq.ScalesError("these scales were trained with c*tanh(x/c) truncation, which no engine format "
+                               "holds; train them with train.py --deployable")
+    if not cfg.tied_wo and a.n_kv_heads != a.n_heads:
+        raise sasq.ScalesError(f"the wo scales are not tied across the {a.n_heads // a.n_kv_heads} query heads "
+                               "of each kv head (GQA), so they cannot fold into wv; train with --deployable")
+
+
+@torch.no_grad()
+def folded_state(model, quantizers) -> dict:
+    """Meta-named tensors of the deployable model: int8 codes, weight_scale (out, 1), input_scale (1,) = 1
+    for every decoder linear; norm gains divided by the input scales; wv/w3 row scales divided by s_wo/s_w2."""
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.")}
+    for i, (layer, qs) in enumerate(zip(model.layers, quantizers)):
+        p = f"layers.{i}."
+        sd[p + "attention_norm.weight"] = layer.attention_norm.weight.float() / qs["attn"].scale()
+        sd[p + "ffn_norm.weight"] = layer.ffn_norm.weight.float() / qs["ffn"].scale()
+        # the producers of the wo and w2 inputs take their scales as per-row divisors
+        # (wo's tied scale has one entry per kv channel, i.e. per row of wv)
+        row_div = {"wv": qs["wo"].log_scale.exp(), "w3": qs["w2"].scale()}
+        for sub, names, _ in sasq.POINTS.values():
+            for n in names:
+                codes, sw = getattr(getattr(layer, sub), n).weight_codes()     # exactly SASQ's codes of W * s
+                name = f"{p}{sub}.{n}."
+                if sw is None:      # float weights (wbits=None): the fold alone, W * s with rows / divisor
+                    sd[name + "weight"] = codes / torch.as_tensor(row_div.get(n, 1.0))[..., None]
+                    continue
+                sd[name + "weight"] = codes.to(torch.int8)
+                sd[name + "weight_scale"] = (sw.float() / row_div.get(n, 1.0))[:, None]
+                sd[name + "input_scale"] = torch.ones(1)
+    return sd
+
+
+# --------------------------------------------------------------------------- writing the folder
+
+def save_tokenizer(tok, folder):
+    """tokenizer.model (SentencePiece) or tokenizer.json (HF tokenizers, also the GGUF's BPE), plus its config."""
+    b = tok.backend
+    if hasattr(b, "serialized_model_proto"):
+        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+            f.write(b.serialized_model_proto())
+        cls, piece = "LlamaTokenizer", b.id_to_piece
+    else:
+        b.save(os.path.join(folder, "tokenizer.json"))
+        cls, piece = "PreTrainedTokenizerFast", b.id_to_token
+    cfg = {"tokenizer_class": cls, "add_bos_token": tok.add_bos, "add_eos_token": False,
+           "bos_token": piece(tok.bos_id) if tok.bos_id is not None else None,
+           "eos_token": piece(tok.eos_id) if tok.eos_id is not None else None}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+
+def write_folder(out, sd: dict, config: dict, tok, force=False):
+    """config.json + safetensors shards (+ index) + tokenizer, written to OUT.tmp and renamed at the end."""
+    from safetensors.torch import save_file
+    if os.path.exists(out) and not force:
+        raise data.DataError(f"{out} exists; pass --force to replace it or --out elsewhere")
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shards, size = [[]], 0
+    for k, v in sd.items():
+        if size and size + v.nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += v.nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors" for j in range(len(shards))]
+    for name, keys in zip(names, shards):
+        save_file({k: sd[k] for k in keys}, os.path.join(tmp, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())},
+                 "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=1)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    save_tokenizer(tok, tmp)
+    if os.path.exists(out):
+        shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+    os.replace(tmp, out)
+
+
+def export(model, tok, out, quantizers=None, dtype=torch.bfloat16, force=False):
+    """Write `model` (with SASQ quantizers attached: the folded static W8A8 model) as an HF folder."""
+    a = model.args
+    if quantizers is None:
+        sd = {k: v for k, v in model.state_dict().items()}
+    else:
+        sd = folded_state(model, quantizers)
+    if a.tie_embeddings:
+        sd.pop("output.weight", None)
+    # float weights and norm gains in the model dtype; int8 codes and the fp32 scales stay as they are
+    sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("_scale") else v for k, v in sd.items()}
+    config = hf_config(a, tok, dtype)
+    if quantizers is not None:
+        config["quantization_config"] = QUANTIZATION_CONFIG
+    write_folder(out, {k: v.cpu() for k, v in to_hf(sd, a).items()}, config, tok, force)
+
+
+# --------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {llama.DEFAULT_CKPT}, the embedded GGUF)")
+    p.add_argument("--scales", default=None, help="SASQ scales from train.py --deployable; without them the "
+                   "plain float model is written")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype of the float tensors (weights of the plain model, embeddings, norms)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    a = p.parse_args(argv)
+    data.check_args(p, a)
+    if os.path.exists(a.out) and not a.force:
+        p.exit(2, f"{p.prog}: error: --out {a.out} exists; pass --force to replace it\n")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    dtype = getattr(torch, a.dtype)
+    model, tok = llama.load(a.ckpt, "cpu", dtype)
+    quantizers = None
+    if a.scales:
+        cfg = sasq.read_config(a.scales)
+        check_foldable(cfg, model.args)          # before attaching: one line, nothing written
+        quantizers, _ = sasq.load(a.scales, model)
+    export(model, tok, a.out, quantizers, dtype, a.force)
+    kind = "SASQ static W8A8 (compressed-tensors)" if a.scales else f"plain {a.dtype}"
+    print(f"wrote {kind} Hugging Face folder {a.out}")
+
+
+if __name__ == "__main__":
+    data.run(main)
