@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import data
 import int8
 import model as llama
 import sasq
@@ -400,6 +401,9 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None, help="a tokenizer.model, for the load section's folder")
     p.add_argument("--load-dir", default=None, help="where the load section writes its checkpoint (default: tmp)")
     a = p.parse_args(argv)
+    data.check_args(p, a)
+    if not a.tiny and not torch.cuda.is_available():
+        p.exit(2, f"{p.prog}: error: no CUDA GPU here: the 7B-shape sections need one; --tiny runs them on the CPU\n")
     sections = [s for s in a.sections.split(",") if s]
     if bad := [s for s in sections if s not in SECTIONS]:
         p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")

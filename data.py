@@ -47,8 +47,11 @@ def load_text(spec: str) -> str:
             return "\n\n".join(load_text(os.path.join(path, n)) for n in sorted(os.listdir(path)))
         spec = path
     if os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(spec, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{spec}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     source, config, split = (spec.split(":") + [None, None])[:3]
     import datasets
     try:
@@ -96,23 +99,57 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 1, device="cpu", pro
 
 # --------------------------------------------------------------------------- usage checks the scripts share
 
+# the least value each numeric option may take (options a script does not have are skipped)
+MINIMUM = {"steps": 1, "batch_size": 1, "calib_windows": 1, "heldout": 1, "save_every": 0, "limit": 1,
+           "windows": 1, "reps": 1, "greedy": 0, "seq_len": 2, "calib_seq_len": 2}
+POSITIVE = ("lr", "trunc_mult")      # floats that must be > 0 (and finite)
+
+
 def check_args(parser, a):
     """Reject bad command lines before any loading: one line on stderr, exit status 2."""
     def error(msg):
         parser.exit(2, f"{parser.prog}: error: {msg}\n")
-    if getattr(a, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
-        error(f"--device {a.device}: no CUDA GPU is visible here; use --device cpu")
+    device = getattr(a, "device", "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        error(f"--device {device}: not a device (cpu, cuda, cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        error(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        error(f"--device {device}: only cpu and cuda are supported")
     for name in ("wbits", "abits"):
         bits = getattr(a, name, None)
         if bits is not None and not 2 <= bits <= 8:
             error(f"--{name} must be in 2..8, got {bits}")
-    for name in ("seq_len", "calib_seq_len"):
-        if getattr(a, name, 2) < 2:
-            error(f"--{name.replace('_', '-')} must be at least 2")
+    for name, least in MINIMUM.items():
+        v = getattr(a, name, None)
+        if v is not None and v < least:
+            error(f"--{name.replace('_', '-')} must be at least {least}, got {v}")
+    for name in POSITIVE:
+        v = getattr(a, name, None)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            error(f"--{name.replace('_', '-')} must be a positive number, got {v}")
     scales = getattr(a, "scales", None) or []
     for path in [scales] if isinstance(scales, str) else scales:
         if not os.path.isfile(path):
             error(f"--scales {path}: no such file")
+
+
+def check_writable(parser, path, force, what="--out"):
+    """Before any work: `path` must be a file we may create (or, with force, replace) in an existing,
+    writable folder; a directory is never replaced."""
+    def error(msg):
+        parser.exit(2, f"{parser.prog}: error: {msg}\n")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        error(f"{what} {path} is a directory; give a file name")
+    if os.path.exists(path) and not force:
+        error(f"{what} {path} exists; pass --force to overwrite it or choose another path")
+    if not os.path.isdir(folder):
+        error(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        error(f"{what} {path}: folder {folder} is not writable")
 
 
 def run(main):
@@ -122,7 +159,7 @@ def run(main):
     import sasq
     try:
         main()
-    except (model.CheckpointError, DataError, sasq.ScalesError, ValueError) as e:
+    except (model.CheckpointError, DataError, sasq.ScalesError, ValueError, OSError) as e:
         if "--debug" in sys.argv:
             raise
         sys.exit(f"error: {e}")

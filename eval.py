@@ -88,12 +88,13 @@ def attach_mode(model, tok, mode, a):
         sasq.freeze(model)
         return label, cfg.wbits, cfg.abits
     make, init, label = BASELINES[mode]
-    qs = sasq.attach(model, make(a.wbits, a.abits))
+    cfg = make(a.wbits, a.abits)
+    qs = sasq.attach(model, cfg)
     if init is not None:
         cal = data.token_windows(tok, a.calib, a.calib_seq_len, a.calib_windows)
         sasq.calibrate(model, qs, cal, batch_size=4, method=init)
     sasq.freeze(model)
-    return label.format(w=a.wbits, a=a.abits), a.wbits, a.abits
+    return label.format(w=a.wbits, a=a.abits), cfg.wbits, cfg.abits
 
 
 def detach_mode(model, a):

@@ -126,6 +126,8 @@ class Int8Linear(nn.Module):
             raise ValueError("Int8Linear needs static W8A8 scales")
         with torch.no_grad():
             s = act.scale().float()
+            if not bool(torch.isfinite(s).all() and (s > 0).all()):     # NaN would become code 0, silently
+                raise ValueError("non-finite or zero activation scales: refusing to convert them to INT8")
             wq, sw = sasq.quantize_weight(ql.linear.weight.float() * s, 8)
             self.register_buffer("weight", wq.to(torch.int8).contiguous())       # (out, in) codes of W * s
             self.register_buffer("w_scale", sw.float())                          # (out,)

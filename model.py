@@ -328,6 +328,23 @@ def _read(fn, path):
                               "is the file complete?") from None
 
 
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read it as JSON ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _config(make, path, *args, **kwargs):
+    """Build ModelArgs from a config; a missing or mistyped field names the file (a GPT-2 config, say)."""
+    try:
+        return make(*args, **kwargs)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a LLaMA config (missing or bad field {e}); "
+                              "only LLaMA-architecture checkpoints are supported") from None
+
+
 def _load_pth(path):
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
@@ -344,8 +361,11 @@ def _load_safetensors(path):
 def read_meta(folder):
     """Meta's download: params.json + consolidated.NN.pth shards (model-parallel splits)."""
     shards = [_read(_load_pth, p) for p in sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))]
-    with open(os.path.join(folder, "params.json")) as f:
-        params = json.load(f)
+    params = _read_json(os.path.join(folder, "params.json"))
+    for p, shard in zip(sorted(glob.glob(os.path.join(folder, "consolidated.*.pth"))), shards):
+        if not isinstance(shard, dict) or "tok_embeddings.weight" not in shard:
+            raise CheckpointError(f"{p}: not a Meta LLaMA checkpoint (expected a dict of tensors with "
+                                  "tok_embeddings.weight)")
     if len(shards) == 1:
         sd = shards[0]
     else:   # rows were split for column-parallel layers, columns for row-parallel ones
@@ -353,7 +373,8 @@ def read_meta(folder):
         sd = {k: v if v.ndim == 1 else torch.cat([s[k] for s in shards], dim=1 if k.endswith(cat_dim1) else 0)
               for k, v in shards[0].items()}
     sd.pop("rope.freqs", None)
-    args = ModelArgs.from_params_json(params, vocab_size=sd["tok_embeddings.weight"].shape[0])
+    args = _config(ModelArgs.from_params_json, os.path.join(folder, "params.json"), params,
+                   vocab_size=sd["tok_embeddings.weight"].shape[0])
     if "output.weight" not in sd:
         args.tie_embeddings = True
     tok_path = next((p for p in (os.path.join(folder, "tokenizer.model"),
@@ -366,15 +387,14 @@ def read_meta(folder):
 
 def read_hf(folder):
     """Hugging Face folder: config.json + *.safetensors (or pytorch_model*.bin), possibly sharded."""
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = _read_json(os.path.join(folder, "config.json"))
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     reader = _load_safetensors
     if not files:
         files, reader = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin"))), _load_pth
     if not files:
         raise CheckpointError(f"{folder}: config.json but no *.safetensors or pytorch_model*.bin weights")
-    args = ModelArgs.from_hf_config(cfg)
+    args = _config(ModelArgs.from_hf_config, os.path.join(folder, "config.json"), cfg)
     sd = {}
     for path in files:
         for k, v in _read(reader, path).items():
@@ -415,10 +435,21 @@ def read_gguf(path):
             gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
             .astype("float32")) for t in reader.tensors}
     sd = _read(tensors, path)
-    args = ModelArgs.from_gguf(reader, has_output="output.weight" in sd)
+    args = _config(ModelArgs.from_gguf, path, reader, has_output="output.weight" in sd)
     sp = os.path.join(os.path.dirname(path), "tokenizer.model")
-    tok = Tokenizer.from_sentencepiece(sp) if os.path.exists(sp) else Tokenizer.from_gguf(reader)
-    return args, sd, tok
+    if os.path.exists(sp):
+        return args, sd, Tokenizer.from_sentencepiece(sp)
+    missing = [k for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                           "tokenizer.ggml.token_type") if k not in reader.fields]
+    if missing:
+        raise CheckpointError(f"{path}: GGUF without tokenizer fields {', '.join(missing)}; "
+                              "put a tokenizer.model next to it")
+    try:
+        return args, sd, Tokenizer.from_gguf(reader)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:   # the tokenizers library panics (a BaseException) on an inconsistent vocabulary
+        raise CheckpointError(f"{path}: cannot build its tokenizer ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 # --------------------------------------------------------------------------- one entry point

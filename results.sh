@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Produces the README's results table: every baseline and SASQ variant, on the same windows.
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] [train|eval|all]   (H100: about 8 minutes for SmolLM2-135M)
+#   bash results.sh OUTDIR [CKPT] [WIKITEXT] deploy|deploy-eval|deploy-decode   the deployment table:
+#     deploy: train --deployable, export it and the bf16 model, llm-compressor's recipes (peers.py);
+#     deploy-eval: every row through eval.py, exported folders through transformers; deploy-decode:
+#     static prefill + dynamic decode, and the INT8 path, with greedy agreement.
 # WIKITEXT is the hub id `wikitext` or a local folder in its layout. Calibration and training use the
 # tokenized wikitext-2-v1 validation split (the raw train split is not on our machines; with the hub,
 # pass CALIB=wikitext:wikitext-2-raw-v1:train). The INT8 rows: eval.py --int8 with the same scales.
@@ -14,6 +18,29 @@ run() {  # name, then train.py arguments
   echo "== $name: $*"
   python3 train.py --ckpt "$ckpt" --calib "$calib" --out "$out/$name.safetensors" --force "$@"
 }
+if [ "$stage" = deploy ]; then
+  run w8a8-deploy --deployable
+  python3 export.py --ckpt "$ckpt" --scales "$out/w8a8-deploy.safetensors" --out "$out/hf-sasq-w8a8" --force
+  python3 export.py --ckpt "$ckpt" --out "$out/hf-bf16" --force
+  python3 peers.py --hf "$out/hf-bf16" --out "$out/peers" --calib "$calib"
+  exit 0
+fi
+ev() { python3 eval.py --ckpt "$ckpt" --test "$test" --test hamlet --calib "$calib" "$@"; }
+if [ "$stage" = deploy-eval ]; then
+  ev --modes fp,dynamic --scales results/w8a8-max.safetensors --scales "$out/w8a8-deploy.safetensors" \
+    --hf "$out/hf-sasq-w8a8" --hf "$out/peers/w8a8-dynamic" --hf "$out/peers/w8a8-static-tensor" \
+    --hf "$out/peers/w8a8-static-tensor-sq" --json "$out/deploy.json"
+  exit 0
+fi
+if [ "$stage" = deploy-decode ]; then
+  # greedy agreement: 8 prompts x 64 tokens (generation runs token by token in Python: 32 prompts x 9 rows
+  # did not fit one 10-minute device call)
+  ev --limit 1 --greedy 8 --modes fp,dynamic --scales "$out/w8a8-deploy.safetensors" --hf "$out/hf-sasq-w8a8" \
+    --json "$out/greedy.json"
+  ev --limit 1 --greedy 8 --modes fp --scales "$out/w8a8-deploy.safetensors" --decode dynamic --json "$out/decode-dynamic.json"
+  ev --modes fp --scales "$out/w8a8-deploy.safetensors" --decode dynamic --json "$out/decode-dynamic-ppl.json"
+  exit 0
+fi
 if [ "$stage" != eval ]; then
 run w8a8-max                  # the default recipe
 run w8a8-max-notrunc --no-truncation

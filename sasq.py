@@ -252,10 +252,15 @@ class ScalesError(Exception):
 
 
 def fingerprint(model) -> str:
-    """A short id of the weights: config + a few tensors rounded to bf16 (same for fp32 and bf16 loads)."""
+    """A short id of the weights: the config and a strided sample (~4k values) of every float weight, rounded
+    to bf16, so the id is the same for fp32 and bf16 loads but changes for a fine-tune or a merged LoRA."""
     h = hashlib.sha256(json.dumps(asdict(model.args), sort_keys=True).encode())
-    for t in (model.norm.weight, model.layers[-1].ffn_norm.weight, model.tok_embeddings.weight[:4]):
-        h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    skip = {id(p) for m in model.modules() if isinstance(m, ActQuantizer) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in skip:
+            flat = p.detach().flatten()
+            sample = flat[::max(1, flat.numel() // 4096)]
+            h.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -4,6 +4,7 @@
     python train.py --ckpt llama-2-7b --checkpointing
 """
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -51,11 +52,20 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.calib = a.calib or [data.CALIB]
     data.check_args(p, a)
+    check_paths(p, a, a.out + ".state.pt")
     return a
 
 
 class Stopped(Exception):
-    """Training ended early; the message says why, and what was kept."""
+    """Training ended early on a signal; the message says why, and where the state is."""
+
+
+class NonFinite(Stopped):
+    """A non-finite loss or scale; `kept` says which step's scales were restored (None: none usable)."""
+
+    def __init__(self, msg, kept):
+        super().__init__(msg)
+        self.kept = kept
 
 
 class StopOnSignal:
@@ -72,35 +82,55 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-def save_state(path, step, quantizers, opt, sched, gen, losses):
-    """Everything needed to resume: trainable tensors, optimizer, schedule, sampler RNG (atomic write)."""
+def save_state(path, step, quantizers, opt, sched, gen, losses, run):
+    """Everything needed to resume, and what the run was (checked by --resume); atomic write."""
     state = {"step": step, "quantizers": quantizers.state_dict(), "opt": opt.state_dict(),
-             "sched": sched.state_dict(), "gen": gen.get_state(), "losses": losses}
+             "sched": sched.state_dict(), "gen": gen.get_state(), "losses": losses, "run": run}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
+def load_state(path, run):
+    """The saved state of an interrupted run; refuses a file from another command line or model."""
+    try:
+        st = torch.load(path, weights_only=True)
+        saved = st["run"]
+    except Exception as e:       # a truncated or foreign file: torch raises many types
+        raise sasq.ScalesError(f"{path}: not a readable training state ({type(e).__name__}); "
+                               "delete it to start afresh") from None
+    diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in run.items() if saved.get(k) != v]
+    if diff:
+        raise sasq.ScalesError(f"{path} belongs to another run ({'; '.join(diff)}); resume with the same "
+                               "settings, or delete it to start afresh")
+    return st
+
+
+# |log s| above this makes no sense for an activation scale (e^80 ~ 5e34) and overflows soon after
+LOG_LIMIT = 80.0
+
+
 def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device="cpu", progress=True,
-                 state_path=None, save_every=0, resume=False):
+                 state_path=None, save_every=0, resume=False, run=None):
     """Adam + cosine decay on the quantizers' parameters only; returns the loss of every step and the
-    seconds of the first step (which includes torch.compile's work when the blocks are compiled).
-    A non-finite loss or scale restores the previous step's scales and raises Stopped; so does a
-    SIGINT/SIGTERM, after writing `state_path` for --resume."""
+    seconds of the first step (None if none ran: a resumed run that had finished its steps).
+    A non-finite loss or scale raises NonFinite after restoring the last scales that gave a finite
+    loss; SIGINT/SIGTERM raises Stopped after writing `state_path` for --resume."""
     params = list(quantizers.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
     start, losses = 0, []
     if resume:
-        st = torch.load(state_path, weights_only=True)
+        st = load_state(state_path, run or {})
         quantizers.load_state_dict(st["quantizers"]), opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
         start, losses = st["step"], st["losses"]
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
-    t0, first = time.time(), None
+    snapshot = lambda: {k: v.clone() for k, v in quantizers.state_dict().items()}  # noqa: E731
+    t0, first, prev = time.time(), None, None
     with StopOnSignal() as stop:
         for step in tqdm(range(start, steps), desc="train scales", disable=None if progress else True):
-            good = {k: v.clone() for k, v in quantizers.state_dict().items()}
+            cur = snapshot()              # the scales this step's loss is computed with
             x = wins[torch.randint(len(wins), (batch_size,), generator=gen)].to(device)
             with autocast:
                 _, loss = model(x[:, :-1], x[:, 1:])
@@ -108,15 +138,20 @@ def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device=
             loss.backward()
             opt.step()
             sched.step()
-            # one host sync per step: the loss and a norm per parameter (non-finite if any entry is)
-            vals = torch.stack([loss.detach().float(), *torch._foreach_norm(params)]).tolist()
-            if not all(map(math.isfinite, vals)):
-                quantizers.load_state_dict(good)
-                raise Stopped(f"non-finite loss or scale at step {step}; kept the scales after step {step - 1}")
+            # one host sync per step: the loss and the largest |log s| per parameter
+            vals = torch.stack([loss.detach().float(), *torch._foreach_norm(params, float("inf"))]).tolist()
+            if not math.isfinite(vals[0]) or not all(math.isfinite(v) and v <= LOG_LIMIT for v in vals[1:]):
+                # a non-finite loss condemns this step's scales; a finite one only the update
+                good, kept = (cur, step) if math.isfinite(vals[0]) else (prev, step - 1)
+                if good is not None and kept >= start:
+                    quantizers.load_state_dict(good)
+                    raise NonFinite(f"non-finite loss or scale at step {step}; kept the scales of step {kept}", kept)
+                raise NonFinite(f"non-finite loss at step {step}, the first step of this run; no usable scales", None)
+            prev = cur
             losses.append(vals[0])
             first = first or time.time() - t0
             if state_path and (stop.flag or (save_every and (step + 1) % save_every == 0)):
-                save_state(state_path, step + 1, quantizers, opt, sched, gen, losses)
+                save_state(state_path, step + 1, quantizers, opt, sched, gen, losses, run)
             if stop.flag:
                 raise Stopped(f"{stop.flag} after step {step + 1} of {steps}; state saved to {state_path}, "
                               "continue with --resume")
@@ -148,13 +183,26 @@ def heldout_ppl(model, held, a):
     return ppl
 
 
+def run_record(a, model, cfg) -> dict:
+    """What this run is: --resume refuses a state whose record differs."""
+    return {"fingerprint": sasq.fingerprint(model), "config": dataclasses.asdict(cfg), "steps": a.steps,
+            "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "calib": list(a.calib), "init": a.init,
+            "trunc_mult": a.trunc_mult, "calib_windows": a.calib_windows, "heldout": a.heldout, "seed": a.seed}
+
+
+def check_paths(p, a, state):
+    """Before loading anything: --out writable and not clobbered, the state file consistent with --resume."""
+    data.check_writable(p, a.out, a.force)
+    if a.resume and not os.path.exists(state):
+        p.exit(2, f"{p.prog}: error: --resume but no {state} from an interrupted run\n")
+    if not a.resume and os.path.exists(state) and not a.force:
+        p.exit(2, f"{p.prog}: error: {state} holds an interrupted run: continue it with --resume, or pass "
+                  "--force to discard it\n")
+
+
 def main(argv=None):
     a = parse_args(argv)
     state = a.out + ".state.pt"
-    if os.path.exists(a.out) and not a.force:
-        raise SystemExit(f"error: {a.out} exists; pass --force to overwrite it or --out elsewhere")
-    if a.resume and not os.path.exists(state):
-        raise SystemExit(f"error: --resume but no {state} from an interrupted run")
     torch.manual_seed(a.seed)
     model, train_wins, calib_wins, held = prepare(a)
     cfg = sasq.QuantConfig(wbits=a.wbits, abits=a.abits, truncation=not (a.no_truncation or a.deployable),
@@ -167,21 +215,27 @@ def main(argv=None):
         model.compile_blocks()       # identical blocks share one compiled graph; the first steps compile
     t0 = time.time()
     try:
-        losses, first = train_scales(model, quantizers, train_wins, a.steps, a.batch_size, a.lr, a.seed,
-                                     a.device, state_path=state, save_every=a.save_every, resume=a.resume)
+        losses, first = train_scales(model, quantizers, train_wins, a.steps, a.batch_size, a.lr, a.seed, a.device,
+                                     state_path=state, save_every=a.save_every, resume=a.resume,
+                                     run=run_record(a, model, cfg))
+    except NonFinite as e:
+        if e.kept is None:
+            raise SystemExit(f"error: {e}; nothing saved")
+        sasq.save(a.out, model, quantizers, cfg, extra={"stopped": str(e)}, force=a.force)
+        raise SystemExit(f"error: {e}; those scales saved to {a.out}")
     except Stopped as e:
-        if "non-finite" in str(e):   # the last good scales are worth keeping
-            sasq.save(a.out, model, quantizers, cfg, extra={"stopped": str(e)})
-            raise SystemExit(f"error: {e}; those scales saved to {a.out}")
         raise SystemExit(f"stopped: {e}")
     secs, sasq_ppl = time.time() - t0, heldout_ppl(model, held, a)
     tokens = a.steps * a.batch_size * (a.seq_len - 1)
     print(f"held-out perplexity ({a.heldout} windows of {a.seq_len}): fp {fp_ppl:.3f} | "
           f"PTQ init {ptq_ppl:.3f} | SASQ {sasq_ppl:.3f}")
-    print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s (first step {first:.1f} s); "
-          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    sasq.save(a.out, model, quantizers, cfg, extra={"steps": a.steps, "tokens": tokens, "seconds": secs,
-                                                   "calib": " + ".join(a.calib), "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl})
+    k = max(1, len(losses) // 10)    # per-batch losses are noisy: compare the means of the first and last tenth
+    print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s" +
+          (f" (first step {first:.1f} s)" if first is not None else " (all steps were done before --resume)") +
+          f"; training loss, mean of the first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
+    sasq.save(a.out, model, quantizers, cfg, force=a.force,
+              extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib),
+                     "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl})
     if os.path.exists(state):
         os.remove(state)
     print(f"scales saved to {a.out}")

@@ -1,4 +1,5 @@
 """Bad input gives one clear line and a non-zero exit; interrupted or failing training loses nothing."""
+import hashlib
 import os
 import signal
 import subprocess
@@ -28,6 +29,24 @@ def files(tmp_path_factory):
                                        '"vocab_size": 32000, "intermediate_size": 96}')
     (trunc / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     (d / "corrupt.safetensors").write_bytes(b"not a safetensors file")
+    gpt2 = d / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}')
+    (gpt2 / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    badjson = d / "badjson"
+    badjson.mkdir()
+    (badjson / "config.json").write_text('{"hidden_size": 32,')
+    (badjson / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    listpth = d / "listpth"
+    write_meta(listpth, random_meta_state())
+    torch.save([1, 2, 3], listpth / "consolidated.00.pth")
+    (d / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    (d / "garbage.safetensors.state.pt").write_bytes(b"not a torch file")
+    (d / "adir").mkdir()
+    import gguf
+    w = gguf.GGUFWriter(str(d / "nofields.gguf"), "llama")
+    w.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     import model
     m, _ = model.load(str(d / "other"))
     qs = sasq.attach(m, sasq.QuantConfig())
@@ -35,9 +54,20 @@ def files(tmp_path_factory):
     return d
 
 
+def snapshot(folder):
+    """Every file under `folder` with the hash of its bytes."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(root, n)
+            out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
 def cases(d):
     tiny, text = str(d / "tiny"), str(d / "text.txt")
     ev = ["eval.py", "--ckpt", tiny, "--test", text, "--seq-len", "64"]
+    TR = ["train.py", "--ckpt", tiny, "--calib", text, "--seq-len", "64", "--out", str(d / "t.safetensors")]
     return {  # name: (argv, exit status, words the message must contain)
         "missing checkpoint": (["eval.py", "--ckpt", str(d / "nope")], 1, "no such file"),
         "folder without checkpoint": (["eval.py", "--ckpt", str(d / "empty")], 1, "no checkpoint found"),
@@ -56,6 +86,26 @@ def cases(d):
         "cuda without gpu": (["train.py", "--ckpt", tiny, "--device", "cuda"], 2, "no CUDA GPU"),
         "bits out of range": (["train.py", "--ckpt", tiny, "--abits", "9"], 2, "2..8"),
         "unknown mode": (ev + ["--modes", "fp,int3"], 1, "unknown mode"),
+        "steps 0": (TR + ["--steps", "0"], 2, "--steps must be at least 1"),
+        "steps negative": (TR + ["--steps", "-2"], 2, "--steps must be at least 1"),
+        "batch negative": (TR + ["--batch-size", "-1"], 2, "--batch-size must be at least 1"),
+        "calib-windows 0": (TR + ["--calib-windows", "0"], 2, "--calib-windows must be at least 1"),
+        "heldout 0": (TR + ["--heldout", "0"], 2, "--heldout must be at least 1"),
+        "lr 0": (TR + ["--lr", "0"], 2, "--lr must be a positive number"),
+        "trunc-mult 0": (TR + ["--trunc-mult", "0"], 2, "--trunc-mult must be a positive number"),
+        "device bogus": (TR + ["--device", "bogus"], 2, "not a device"),
+        "device mps": (TR + ["--device", "mps"], 2, "only cpu and cuda"),
+        "out in missing folder": (TR[:-1] + [str(d / "nope" / "s.safetensors")], 2, "does not exist"),
+        "out a directory": (TR[:-1] + [str(d / "adir"), "--force"], 2, "is a directory"),
+        "garbage state": (TR[:-1] + [str(d / "garbage.safetensors"), "--resume"], 1, "not a readable training state"),
+        "gpt2 config": (["eval.py", "--ckpt", str(d / "gpt2")], 1, "not a LLaMA config"),
+        "config not json": (["eval.py", "--ckpt", str(d / "badjson")], 1, "config.json: cannot read it as JSON"),
+        "meta pth holds a list": (["eval.py", "--ckpt", str(d / "listpth")], 1, "not a Meta LLaMA checkpoint"),
+        "gguf without fields": (["eval.py", "--ckpt", str(d / "nofields.gguf")], 1, "not a LLaMA config"),
+        "text not utf-8": (ev[:4] + [str(d / "latin1.txt"), "--seq-len", "64"], 1, "latin1.txt: not UTF-8"),
+        "eval limit 0": (ev + ["--limit", "0"], 2, "--limit must be at least 1"),
+        "plot windows 0": (["plot_activations.py", "--ckpt", tiny, "--windows", "0"], 2, "--windows must be at least 1"),
+        "bench reps 0": (["bench.py", "--tiny", "--reps", "0"], 2, "--reps must be at least 1"),
     }
 
 
@@ -64,12 +114,12 @@ def test_bad_input_one_line_no_traceback(files, name):
     if name == "cuda without gpu" and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     argv, status, words = cases(files)[name]
-    before = sorted(os.listdir(files))
+    before = snapshot(files)
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
     err = [line for line in r.stderr.splitlines() if line.strip() and "examples/s" not in line]
     assert r.returncode == status, r.stderr
     assert len(err) == 1 and words in err[0] and "Traceback" not in r.stderr, r.stderr
-    assert sorted(os.listdir(files)) == before
+    assert snapshot(files) == before          # nothing created, changed or removed
 
 
 def test_train_refuses_to_overwrite(files, tmp_path):
@@ -77,7 +127,7 @@ def test_train_refuses_to_overwrite(files, tmp_path):
     out.write_bytes(b"precious")
     r = subprocess.run([sys.executable, "train.py", "--ckpt", str(files / "tiny"), "--calib", str(files / "text.txt"),
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "--force" in r.stderr and out.read_bytes() == b"precious"
+    assert r.returncode == 2 and "--force" in r.stderr and out.read_bytes() == b"precious"
 
 
 def _setup(tiny_model):
@@ -118,14 +168,85 @@ def test_nan_loss_stops_and_keeps_previous_scales(tiny_model):
     def nan_at_step_3(*args, **kwargs):                # step 3 (0-based) is the 4th forward
         calls[0] += 1
         logits, loss = forward(*args, **kwargs)
-        if calls[0] == 4:
-            before_step3.update({k: v.clone() for k, v in qs.state_dict().items()})   # = after step 2
+        if calls[0] == 3:      # the scales step 2 computes its (finite) loss with: the last good ones
+            before_step3.update({k: v.clone() for k, v in qs.state_dict().items()})
+        if calls[0] == 4:      # the scales of step 3 give NaN: they are not kept
             loss = loss * float("nan")
         return logits, loss
     tiny_model.forward = nan_at_step_3
-    with pytest.raises(train.Stopped, match="non-finite loss or scale at step 3"):
+    with pytest.raises(train.NonFinite, match="non-finite loss or scale at step 3; kept the scales of step 2"):
         train.train_scales(tiny_model, qs, wins, steps=8, batch_size=2, lr=2e-2, progress=False)
     tiny_model.forward = forward
     kept = qs.state_dict()
     assert all(torch.equal(before_step3[k], kept[k]) for k in kept)
     assert any(not torch.equal(init[k], kept[k]) for k in kept)      # it did train for three steps
+
+
+def test_exploding_lr_keeps_sane_scales(tiny_model):
+    """--lr 1e9: log-scales of +-1e9 are finite numbers but e^(1e9) is not a scale; they must not be kept."""
+    qs, wins, init = _setup(tiny_model)
+    with pytest.raises(train.NonFinite) as e:
+        train.train_scales(tiny_model, qs, wins, steps=5, batch_size=2, lr=1e9, progress=False)
+    assert e.value.kept is not None
+    assert all(v.abs().max() <= train.LOG_LIMIT for v in qs.state_dict().values())
+    sasq.check_scales(qs.state_dict())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e9])
+def test_non_finite_scales_refused_on_save_and_load(tiny_model, tmp_path, bad):
+    qs = sasq.attach(tiny_model, sasq.QuantConfig())
+    with torch.no_grad():
+        qs[0]["attn"].log_scale[3] = bad
+    with pytest.raises(sasq.ScalesError, match="non-finite"):
+        sasq.save(tmp_path / "s.safetensors", tiny_model, qs, sasq.QuantConfig())
+    assert not (tmp_path / "s.safetensors").exists()
+    from safetensors.torch import save_file        # a file edited by hand after training
+    good = tmp_path / "good.safetensors"
+    with torch.no_grad():
+        qs[0]["attn"].log_scale[3] = 0.0
+    sasq.save(good, tiny_model, qs, sasq.QuantConfig())
+    from safetensors import safe_open
+    with safe_open(good, "pt") as f:
+        meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    t["0.attn.log_scale"][3] = bad
+    save_file(t, tmp_path / "edited.safetensors", metadata=meta)
+    sasq.detach(tiny_model)
+    with pytest.raises(sasq.ScalesError, match="non-finite"):
+        sasq.load(tmp_path / "edited.safetensors", tiny_model)
+
+
+def test_out_created_during_run_is_not_overwritten(tiny_model, tmp_path):
+    qs = sasq.attach(tiny_model, sasq.QuantConfig())
+    out = tmp_path / "s.safetensors"
+    out.write_bytes(b"made by another run meanwhile")
+    with pytest.raises(sasq.ScalesError, match="appeared while this run"):
+        sasq.save(out, tiny_model, qs, sasq.QuantConfig(), force=False)
+    assert out.read_bytes() == b"made by another run meanwhile"
+
+
+def test_resume_refuses_other_settings_and_finishes_a_done_state(tiny_model, tmp_path):
+    qs, wins, init = _setup(tiny_model)
+    state, run = str(tmp_path / "state.pt"), {"lr": 2e-2, "abits": 4}
+    kw = dict(steps=4, batch_size=2, lr=2e-2, progress=False, state_path=state, save_every=4, run=run)
+    train.train_scales(tiny_model, qs, wins, **kw)          # the state now holds step 4 of 4: "interrupted
+    straight = {k: v.clone() for k, v in qs.state_dict().items()}   # after the last step"
+    qs.load_state_dict(init)
+    with pytest.raises(sasq.ScalesError, match=r"another run \(lr 0.02 -> 5"):
+        train.train_scales(tiny_model, qs, wins, **{**kw, "run": {**run, "lr": 5}}, resume=True)
+    losses, first = train.train_scales(tiny_model, qs, wins, **kw, resume=True)
+    assert first is None and len(losses) == 4
+    assert all(torch.equal(straight[k], v) for k, v in qs.state_dict().items())
+
+
+def test_json_rows_carry_the_scales_files_bits(files, tmp_path):
+    import json
+    import model
+    m, _ = model.load(str(files / "tiny"))
+    cfg = sasq.QuantConfig(abits=6)
+    sasq.save(tmp_path / "a6.safetensors", m, sasq.attach(m, cfg), cfg)
+    r = subprocess.run([sys.executable, "eval.py", "--ckpt", str(files / "tiny"), "--test", str(files / "text.txt"),
+                        "--seq-len", "64", "--limit", "1", "--modes", "fp,w8", "--scales", str(tmp_path / "a6.safetensors"),
+                        "--json", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(x["wbits"], x["abits"]) for x in rows] == [(None, None), (8, None), (8, 6)]

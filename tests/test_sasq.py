@@ -120,3 +120,13 @@ def test_smollm2_static_per_tensor_collapses_per_channel_does_not(smollm):
         ppl[name] = data.perplexity(m, test, progress=False)
         sasq.detach(m)
     assert ppl["tensor"] > 1.6 * fp and ppl["channel"] < 1.45 * fp, (fp, ppl)
+
+
+def test_fingerprint_sees_a_merged_lora(tiny_model):
+    """Every weight is sampled: a low-rank update of the projections alone changes the id."""
+    before = sasq.fingerprint(tiny_model)
+    with torch.no_grad():
+        for layer in tiny_model.layers:
+            w = layer.attention.wq.weight
+            w += 1e-2 * torch.randn(w.shape[0], 2) @ torch.randn(2, w.shape[1])
+    assert sasq.fingerprint(tiny_model) != before
