@@ -38,7 +38,6 @@ if [ "$stage" = deploy-decode ]; then
   ev --limit 1 --greedy 8 --modes fp,dynamic --scales "$out/w8a8-deploy.safetensors" --hf "$out/hf-sasq-w8a8" \
     --json "$out/greedy.json"
   ev --limit 1 --greedy 8 --modes fp --scales "$out/w8a8-deploy.safetensors" --decode dynamic --json "$out/decode-dynamic.json"
-  ev --modes fp --scales "$out/w8a8-deploy.safetensors" --decode dynamic --json "$out/decode-dynamic-ppl.json"
   exit 0
 fi
 if [ "$stage" != eval ]; then
