@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Produces the README's results table: every baseline and SASQ variant, on the same windows.
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] [train|eval|all]   (H100: about 8 minutes for SmolLM2-135M)
-#   bash results.sh OUTDIR [CKPT] [WIKITEXT] deploy|deploy-eval|deploy-decode   the deployment table:
+#   bash results.sh OUTDIR [CKPT] [WIKITEXT] deploy|deploy-eval|deploy-decode|deploy-mix   the deployment table:
 #     deploy: train --deployable, export it and the bf16 model, llm-compressor's recipes (peers.py);
 #     deploy-eval: every row through eval.py, exported folders through transformers; deploy-decode:
 #     static prefill + dynamic decode, and the INT8 path, with greedy agreement.
@@ -30,6 +30,13 @@ if [ "$stage" = deploy-eval ]; then
   ev --modes fp,dynamic --scales results/w8a8-max.safetensors --scales "$out/w8a8-deploy.safetensors" \
     --hf "$out/hf-sasq-w8a8" --hf "$out/peers/w8a8-dynamic" --hf "$out/peers/w8a8-static-tensor" \
     --hf "$out/peers/w8a8-static-tensor-sq" --json "$out/deploy.json"
+  exit 0
+fi
+if [ "$stage" = deploy-mix ]; then   # the deployable recipe on the calibration mix (+ comedies)
+  run w8a8-deploy-mix --deployable --calib comedies
+  python3 export.py --ckpt "$ckpt" --scales "$out/w8a8-deploy-mix.safetensors" --out "$out/hf-sasq-w8a8-mix" --force
+  ev --modes fp --scales "$out/w8a8-deploy-mix.safetensors" --hf "$out/hf-sasq-w8a8-mix" --json "$out/deploy-mix.json"
+  ev --limit 1 --greedy 8 --modes fp --scales "$out/w8a8-deploy.safetensors" --int8 --json "$out/int8-greedy.json"
   exit 0
 fi
 if [ "$stage" = deploy-decode ]; then
