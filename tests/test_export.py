@@ -128,3 +128,21 @@ def test_smollm2_export_in_transformers(smollm, tmp_path):
     assert abs(theirs - ours) / ours < 0.01, (ours, theirs)
     text = data.load_text(TEST_SPEC)[:5000]
     assert AutoTokenizer.from_pretrained(str(tmp_path / "smol"))(text)["input_ids"] == tok.encode(text)
+
+
+def test_quantized_generation_is_deterministic_and_matches_int8(tmp_path):
+    """Greedy decoding (KV cache) of the deployable fake-quant model: the same twice, and the same tokens
+    through the real INT8 linears (int8.py, torch._int_mm on the CPU)."""
+    import int8
+    m, _ = tiny(tmp_path, tied=False)
+    qs = with_scales(m, DEPLOY)
+    sasq.freeze(m)
+    prompt = torch.randint(0, m.args.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    a, b = m.generate(prompt, 24), m.generate(prompt, 24)
+    assert torch.equal(a, b) and a.shape[1] == 32
+    int8.convert(m)
+    assert torch.equal(m.generate(prompt, 24), a)
+    int8.revert(m)
+    for q in (q for layer in qs for q in layer.values()):
+        q.decode = "dynamic"                  # static prefill, dynamic decode: a different, valid model
+    assert m.generate(prompt, 24).shape == a.shape
