@@ -86,7 +86,7 @@ def timed(fn, reps, graph=True):
 
 def linears(m):
     """(parent module, attribute name) of every decoder linear at the four quantization points."""
-    return [(getattr(layer, sub), n) for layer in m.layers for sub, names, _ in sasq.POINTS.values() for n in names]
+    return [(parent, n) for _, _, parent, names in sasq.points(m) for n in names]
 
 
 def use(m, variant):

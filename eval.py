@@ -7,8 +7,10 @@
 
 Modes: fp; w8 (weights only); dynamic (W8A8, per-token absmax at run time); static-tensor (one static
 scale per tensor, the max over calibration); static-channel (per-channel static scales after PTQ
-initialisation only); one SASQ row per --scales file (train.py); one row per --hf folder, run by
-transformers (export.py's output, or any HF / compressed-tensors checkpoint: llmcompressor's, say).
+initialisation only); smoothquant / smoothquant-static (SmoothQuant's fold with --alpha, then dynamic
+per-token or static per-tensor activations); quarot (QuaRot-style rotation, dynamic per-token RTN with
+clip 0.9); one SASQ row per --scales file (train.py; a --rotate file rotates the model first); one row
+per --hf folder, run by transformers (export.py's output, or any HF / compressed-tensors checkpoint).
 --greedy N: N prompts of 64 tokens cut from the first test text, 64 greedy tokens each; per mode,
 the share of next tokens equal to fp's (teacher-forced on fp's continuation) and the mean length of
 the generated prefix identical to fp's.
@@ -21,18 +23,23 @@ import time
 
 import torch
 
+import baselines
 import data
 import model as llama
 import sasq
 
-BASELINES = {   # mode -> (quantizer config, PTQ init method or None, table label)
-    "w8": (lambda w, a: sasq.QuantConfig(wbits=w, abits=None), None, "W{w} (weights only)"),
-    "dynamic": (lambda w, a: sasq.QuantConfig(wbits=w, abits=a, act="dynamic"), None,
-                "W{w}A{a} dynamic per-token"),
-    "static-tensor": (lambda w, a: sasq.QuantConfig(wbits=w, abits=a, per_channel=False, truncation=False),
-                      "max", "W{w}A{a} static per-tensor (max)"),
+DYNAMIC = lambda w, a: sasq.QuantConfig(wbits=w, abits=a, act="dynamic")                         # noqa: E731
+TENSOR = lambda w, a: sasq.QuantConfig(wbits=w, abits=a, per_channel=False, truncation=False)     # noqa: E731
+BASELINES = {   # mode -> (quantizer config, PTQ init method or None, table label, float-model rewrite)
+    "w8": (lambda w, a: sasq.QuantConfig(wbits=w, abits=None), None, "W{w} (weights only)", None),
+    "dynamic": (DYNAMIC, None, "W{w}A{a} dynamic per-token", None),
+    "static-tensor": (TENSOR, "max", "W{w}A{a} static per-tensor (max)", None),
     "static-channel": (lambda w, a: sasq.QuantConfig(wbits=w, abits=a, truncation=False), "mean",
-                       "W{w}A{a} static per-channel (PTQ init)"),
+                       "W{w}A{a} static per-channel (PTQ init)", None),
+    "smoothquant": (DYNAMIC, None, "W{w}A{a} SmoothQuant a={alpha} dynamic per-token", "smooth"),
+    "smoothquant-static": (TENSOR, "max", "W{w}A{a} SmoothQuant a={alpha} static per-tensor (max)", "smooth"),
+    "quarot": (lambda w, a: sasq.QuantConfig(wbits=w, abits=a, act="dynamic", clip=0.9), None,
+               "W{w}A{a} QuaRot-RTN (rotation, dynamic per-token, clip 0.9)", "rotate"),
 }
 
 
@@ -40,7 +47,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {llama.DEFAULT_CKPT})")
     p.add_argument("--test", action="append", help=f"text to score, repeatable (default {data.TEST})")
-    p.add_argument("--modes", default="fp", help="comma-separated: fp,w8,dynamic,static-tensor,static-channel")
+    p.add_argument("--modes", default="fp", help="comma-separated: fp," + ",".join(BASELINES))
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (paper 0.5; "
+                   "llm-compressor uses 0.8 for LLaMA)")
     p.add_argument("--scales", action="append", default=[], help="SASQ scales file(s) from train.py")
     p.add_argument("--wbits", type=int, default=8)
     p.add_argument("--abits", type=int, default=8)
@@ -66,35 +75,58 @@ def parse_args(argv=None):
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     data.check_args(p, a)
+    if not 0 <= a.alpha <= 1:
+        p.exit(2, f"{p.prog}: error: --alpha must be in 0..1, got {a.alpha}\n")
     return a
+
+
+def calib_windows(tok, a):
+    return data.token_windows(tok, a.calib, a.calib_seq_len, a.calib_windows)
+
+
+def rewritten(tok, a, how, seed=0):
+    """A fresh float model with SmoothQuant's fold or the rotation applied (the shared model stays as loaded)."""
+    model = llama.load(a.ckpt, a.device, getattr(torch, a.dtype))[0]
+    if how == "smooth":
+        baselines.smooth(model, sasq.observe(model, calib_windows(tok, a), batch_size=4), a.alpha)
+    else:
+        baselines.rotate(model, seed)
+    if a.compile and a.device.startswith("cuda"):
+        model.compile_blocks()
+    return model
 
 
 def attach_mode(model, tok, mode, a):
     """Put the model into one evaluation mode ("fp", a baseline name, or ("scales", path)); returns
-    (label, weight bits, activation bits) for the table."""
+    (the model it runs on, label, weight bits, activation bits)."""
     if mode == "fp":
-        return "fp", None, None
+        return model, "fp", None, None
     if isinstance(mode, tuple):                 # a scales file: its own config, never the command line's bits
+        rotate = sasq.read_config(mode[1]).rotate
+        if rotate is not None:
+            model = rewritten(tok, a, "rotate", rotate)
         qs, cfg = sasq.load(mode[1], model)
         for q in (q for qs_ in qs for q in qs_.values()):
             q.decode = a.decode
         label = f"SASQ W{cfg.wbits}A{cfg.abits}" + (" deployable" if cfg.tied_wo and not cfg.truncation else
                                                    "" if cfg.truncation else " no truncation") + \
+            (" + rotation" if rotate is not None else "") + \
             (" decode dynamic" if a.decode == "dynamic" else "") + f" [{os.path.basename(mode[1])}]"
         if a.int8:
             import int8
             int8.convert(model)
             label += " INT8"
         sasq.freeze(model)
-        return label, cfg.wbits, cfg.abits
-    make, init, label = BASELINES[mode]
+        return model, label, cfg.wbits, cfg.abits
+    make, init, label, how = BASELINES[mode]
+    if how is not None:
+        model = rewritten(tok, a, how)
     cfg = make(a.wbits, a.abits)
     qs = sasq.attach(model, cfg)
     if init is not None:
-        cal = data.token_windows(tok, a.calib, a.calib_seq_len, a.calib_windows)
-        sasq.calibrate(model, qs, cal, batch_size=4, method=init)
+        sasq.calibrate(model, qs, calib_windows(tok, a), batch_size=4, method=init)
     sasq.freeze(model)
-    return label.format(w=a.wbits, a=a.abits), cfg.wbits, cfg.abits
+    return model, label.format(w=a.wbits, a=a.abits, alpha=a.alpha), cfg.wbits, cfg.abits
 
 
 def detach_mode(model, a):
@@ -188,9 +220,9 @@ def main(argv=None):
         ctx["prompt"] = torch.tensor([tok.encode(a.prompt)], device=a.device)
     rows = []
     for mode in modes + [("scales", s) for s in a.scales]:
-        label, *bits = attach_mode(model, tok, mode, a)
-        rows.append(score(model, label, bits, wins, a, ctx))
-        detach_mode(model, a)
+        m, label, *bits = attach_mode(model, tok, mode, a)
+        rows.append(score(m, label, bits, wins, a, ctx))
+        detach_mode(m, a)
     for folder in a.hf:
         rows.append(score(HFModel(folder, a.device, getattr(torch, a.dtype)), f"HF [{os.path.basename(folder.rstrip('/'))}]",
                           (None, None), wins, a, ctx))

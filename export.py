@@ -92,6 +92,9 @@ def check_foldable(cfg: sasq.QuantConfig, a: llama.ModelArgs):
     if cfg.truncation:
         raise sasq.ScalesError("these scales were trained with c*tanh(x/c) truncation, which no engine format "
                                "holds; train them with train.py --deployable")
+    if cfg.rotate is not None:
+        raise sasq.ScalesError("these scales belong to a rotated model (train.py --rotate), whose online w2-input "
+                               "Hadamard no standard W8A8 format holds")
     if not cfg.tied_wo and a.n_kv_heads != a.n_heads:
         raise sasq.ScalesError(f"the wo scales are not tied across the {a.n_heads // a.n_kv_heads} query heads "
                                "of each kv head (GQA), so they cannot fold into wv; train with --deployable")

@@ -166,14 +166,12 @@ class DynamicInt8Linear(nn.Module):
 def _swap(model, fn):
     """Replace each linear at the four quantization points by fn(current module) (None: keep it)."""
     n = 0
-    for layer in model.layers:
-        for sub, names, _ in sasq.POINTS.values():
-            parent = getattr(layer, sub)
-            for name in names:
-                new = fn(getattr(parent, name))
-                if new is not None:
-                    setattr(parent, name, new)
-                    n += 1
+    for _, _, parent, names in sasq.points(model):
+        for name in names:
+            new = fn(getattr(parent, name))
+            if new is not None:
+                setattr(parent, name, new)
+                n += 1
     return n
 
 

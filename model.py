@@ -126,9 +126,10 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(a.dim, a.hidden_dim, bias=False)   # gate
         self.w3 = nn.Linear(a.dim, a.hidden_dim, bias=False)   # up
         self.w2 = nn.Linear(a.hidden_dim, a.dim, bias=False)   # down
+        self.w2_in = nn.Identity()     # a run-time map of w2's input: baselines.rotate puts a Hadamard here
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.w2_in(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class TransformerBlock(nn.Module):

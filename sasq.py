@@ -5,10 +5,11 @@ Read top to bottom, this file is the method:
   2. a quantization point (ActQuantizer): soft truncation c*tanh(x/c), then static codes round(x/s);
   3. QuantLinear: the per-input-channel scale folded into the weight, so that the fake-quant graph
      is exactly an int8 x int8 GEMM with one float scale per output column;
-  4. attach/detach to a model.Transformer at four points per layer;
-  5. PTQ calibration (the initial scales), freezing for inference, saving and loading.
+  4. attach/detach to a model.Transformer at four points per layer (one walker over them: points());
+  5. PTQ calibration (the initial scales) from forward pre-hooks on the float model; freezing, saving, loading.
 Weights stay frozen throughout; only log-scales and log-thresholds are trained (train.py).
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -66,6 +67,8 @@ class QuantConfig:
     truncation: bool = True        # learnable c * tanh(x / c) at the attention and FFN inputs
     tied_wo: bool = False          # one wo-input scale per kv channel, shared by its query heads (GQA):
                                    # then it folds into the rows of wv (export.py)
+    clip: float = 1.0              # dynamic only: per-token scale = clip * absmax / qmax (QuaRot uses 0.9)
+    rotate: int | None = None      # the seed of baselines.rotate, applied to the model before attaching
 
     def __post_init__(self):
         for b in (self.wbits, self.abits):
@@ -90,7 +93,7 @@ class ActQuantizer(nn.Module):
         # thresholds start out of reach (identity); calibrate() sets them from the data
         use_c = truncate and cfg.truncation and cfg.act == "static" and cfg.abits is not None
         self.log_c = nn.Parameter(torch.full((dim,), math.log(1e4))) if use_c else None
-        self.observed = None           # per-channel absmax of each calibration batch, when observing
+        self.clip = cfg.clip
         self.decode = "static"         # "dynamic": decode steps (one token) take per-token scales instead
 
     def scale(self):
@@ -109,18 +112,16 @@ class ActQuantizer(nn.Module):
         return c * torch.tanh(x / c)
 
     def forward(self, x):
-        if self.observed is not None:                         # PTQ calibration: record, do not quantize
-            self.observed.append(x.detach().abs().flatten(0, -2).amax(0).float())
-            return x, None
         if self.bits is None:
             return x, None
         x = self.truncate(x)
-        if self.per_token(x):                                 # a max over channels, every token, at run time
-            if self.mode == "static":
-                x = x / self.scale()                          # the folded model's activation (export.py)
-            s = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / qmax(self.bits)
-        else:                                                 # static: fixed before inference
+        if not self.per_token(x):                             # SASQ: static scales, fixed before inference
             s = self.scale()
+            return quantize(x, s, self.bits), s
+        if self.mode == "static":                             # a static model's decode step, dynamic:
+            x = x / self.scale()                              # the folded model's activation (export.py)
+        # the dynamic baseline: a max over channels, every token, at run time
+        s = self.clip * x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / qmax(self.bits)
         return quantize(x, s, self.bits), s
 
     def per_token(self, x):
@@ -142,6 +143,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.linear, self.act, self.wbits = linear, act, wbits
         self.frozen = None             # cached (weight codes, weight scales) once scales are final
+        self.bypass = False            # float_model(): the plain float layer
 
     def weight_codes(self):
         if self.frozen is not None:
@@ -153,9 +155,9 @@ class QuantLinear(nn.Module):
         return wq.to(self.linear.weight.dtype), sw       # codes <= 127 are exact in bf16 too
 
     def forward(self, x):
-        q, s = self.act(x)
-        if s is None and self.act.observed is not None:       # calibrating: the float layer
+        if self.bypass:
             return self.linear(x)
+        q, s = self.act(x)
         wq, sw = self.weight_codes()
         y = F.linear(q.to(wq.dtype), wq)                      # the int8 GEMM (exact in fp32 accumulation)
         if sw is not None:
@@ -174,36 +176,51 @@ POINTS = {"attn": ("attention", ("wq", "wk", "wv"), True),       # after attenti
           "w2":   ("feed_forward", ("w2",), False)}
 
 
+def points(model):
+    """Walk the quantization points: (layer index, point, the sub-module holding the readers, reader names)."""
+    for i, layer in enumerate(model.layers):
+        for point, (sub, names, _) in POINTS.items():
+            yield i, point, getattr(layer, sub), names
+
+
 def attach(model, cfg: QuantConfig) -> nn.ModuleList:
     """Swap the decoder's linears for QuantLinears; returns the quantizers, quantizers[layer][point]."""
-    quantizers = nn.ModuleList()
-    for layer in model.layers:
-        qs = nn.ModuleDict()
-        at = layer.attention
-        for point, (sub, names, trunc) in POINTS.items():
-            parent = getattr(layer, sub)
-            groups = (at.n_kv_heads, at.n_heads // at.n_kv_heads, at.head_dim) if point == "wo" and cfg.tied_wo else None
-            qs[point] = ActQuantizer(getattr(parent, names[0]).in_features, cfg, trunc, groups)
-            for n in names:
-                setattr(parent, n, QuantLinear(getattr(parent, n), qs[point], cfg.wbits))
-        quantizers.append(qs)
+    quantizers = nn.ModuleList(nn.ModuleDict() for _ in model.layers)
+    for i, point, parent, names in points(model):
+        at = model.layers[i].attention
+        groups = (at.n_kv_heads, at.n_heads // at.n_kv_heads, at.head_dim) if point == "wo" and cfg.tied_wo else None
+        q = quantizers[i][point] = ActQuantizer(getattr(parent, names[0]).in_features, cfg, POINTS[point][2], groups)
+        for n in names:
+            setattr(parent, n, QuantLinear(getattr(parent, n), q, cfg.wbits))
     p = next(model.parameters())
     return quantizers.to(device=p.device)   # scales stay fp32 whatever the model's dtype
 
 
 def detach(model):
     """Restore the original nn.Linears (the weights were never touched)."""
-    for layer in model.layers:
-        for sub, names, _ in POINTS.values():
-            parent = getattr(layer, sub)
-            for n in names:
-                if isinstance(getattr(parent, n), QuantLinear):
-                    setattr(parent, n, getattr(parent, n).linear)
+    for _, _, parent, names in points(model):
+        for n in names:
+            if isinstance(getattr(parent, n), QuantLinear):
+                setattr(parent, n, getattr(parent, n).linear)
     return model
 
 
 def quant_linears(model):
     return [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+@contextlib.contextmanager
+def float_model(model):
+    """Inside this block the model runs in float: every QuantLinear is bypassed (calibration, KL teacher)."""
+    qls = quant_linears(model)
+    before = [m.bypass for m in qls]          # nested blocks restore what they found
+    for m in qls:
+        m.bypass = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(qls, before):
+            m.bypass = b
 
 
 def freeze(model, on: bool = True):
@@ -218,22 +235,36 @@ def freeze(model, on: bool = True):
 # --------------------------------------------------------------------------- 5. PTQ initialisation
 
 @torch.no_grad()
-def calibrate(model, quantizers, wins, batch_size=1, method="mean", trunc_mult=4.0, progress=True):
-    """Initial static scales from calibration windows: per channel, `mean` (or `max`) over batches of
-    the batch's absmax, divided by qmax. Truncation thresholds start at trunc_mult x the absmax."""
+def observe(model, wins, batch_size=1, progress=True):
+    """The float model's per-channel absmax at every quantization point, one row per calibration batch:
+    stats[layer][point] is (batches, dim) fp32. Forward pre-hooks on each point's first reader record it
+    (a point read by q, k and v is recorded once); attached quantizers are bypassed meanwhile."""
     from tqdm import tqdm
-    qlist = [q for qs in quantizers for q in qs.values()]
-    for q in qlist:
-        q.observed = []
+    stats = [{p: [] for p in POINTS} for _ in model.layers]
+    record = lambda rows: lambda mod, args: rows.append(args[0].detach().abs().flatten(0, -2).amax(0).float())  # noqa: E731
+    hooks = [getattr(parent, names[0]).register_forward_pre_hook(record(stats[i][point]))
+             for i, point, parent, names in points(model)]
     device = next(model.parameters()).device
     try:
-        for i in tqdm(range(0, len(wins), batch_size), desc="calibrate", disable=None if progress else True, leave=False):
-            model(wins[i:i + batch_size].to(device))
+        with float_model(model):
+            for i in tqdm(range(0, len(wins), batch_size), desc="calibrate", disable=None if progress else True,
+                          leave=False):
+                model(wins[i:i + batch_size].to(device))
     finally:
-        stats = [torch.stack(q.observed) for q in qlist]    # (calls, dim); shared points log one row per reader
-        for q in qlist:
-            q.observed = None
-    for q, a in zip(qlist, stats):
+        for h in hooks:
+            h.remove()
+    return [{p: torch.stack(rows) for p, rows in s.items()} for s in stats]
+
+
+INIT = "max"    # the PTQ init of the recipe (train.py --init); the paper's is "mean"
+
+
+@torch.no_grad()
+def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0, progress=True):
+    """Initial static scales from calibration windows: per channel, `max` (or `mean`) over batches of
+    the batch's absmax, divided by qmax. Truncation thresholds start at trunc_mult x the absmax."""
+    stats = observe(model, wins, batch_size, progress)
+    for q, a in ((quantizers[i][p], stats[i][p]) for i in range(len(stats)) for p in POINTS):
         if q.log_c is not None:
             q.log_c.copy_((trunc_mult * a.amax(0).clamp(min=1e-6)).log())
         if q.log_scale.numel() == 1:

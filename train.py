@@ -2,6 +2,7 @@
 
     python train.py                         # the embedded default model (SmolLM2-135M), hub WikiText-2
     python train.py --ckpt llama-2-7b --checkpointing
+    python train.py --rotate --abits 4 --loss kl     # static scales on the rotated model, distilled from fp
 """
 import argparse
 import dataclasses
@@ -11,8 +12,10 @@ import signal
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+import baselines
 import data
 import model as llama
 import sasq
@@ -31,7 +34,11 @@ def parse_args(argv=None):
     p.add_argument("--no-truncation", action="store_true", help="ablation: no c*tanh(x/c) truncation")
     p.add_argument("--deployable", action="store_true", help="the recipe export.py can fold into a standard "
                    "static W8A8 checkpoint: no truncation, wo scales tied across each GQA group")
-    p.add_argument("--init", choices=("mean", "max"), default="max",
+    p.add_argument("--rotate", action="store_true", help="train on the QuaRot-style rotated model "
+                   "(baselines.rotate, signs from --seed); eval.py rotates again when it loads these scales")
+    p.add_argument("--loss", choices=("ce", "kl"), default="ce", help="ce: next-token cross-entropy on the text "
+                   "(the paper); kl: KL divergence from the float model's next-token distribution")
+    p.add_argument("--init", choices=("mean", "max"), default=sasq.INIT,
                    help="PTQ init: max or (the paper's) mean over batches of the per-channel absmax")
     p.add_argument("--trunc-mult", type=float, default=4.0, help="initial threshold c = this x calib absmax")
     p.add_argument("--steps", type=int, default=100)
@@ -109,8 +116,19 @@ def load_state(path, run):
 LOG_LIMIT = 80.0
 
 
+def step_loss(model, x, kind="ce"):
+    """The objective on windows x (B, T+1): next-token cross-entropy on the text (the paper's), or the KL
+    divergence KL(fp || quantized) per token, the teacher being this model with its quantizers bypassed."""
+    if kind == "ce":
+        return model(x[:, :-1], x[:, 1:])[1]
+    with torch.no_grad(), sasq.float_model(model):
+        teacher = model(x[:, :-1])[0].float().log_softmax(-1).flatten(0, 1)
+    student = model(x[:, :-1])[0].float().log_softmax(-1).flatten(0, 1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
 def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device="cpu", progress=True,
-                 state_path=None, save_every=0, resume=False, run=None):
+                 state_path=None, save_every=0, resume=False, run=None, loss="ce"):
     """Adam + cosine decay on the quantizers' parameters only; returns the loss of every step and the
     seconds of the first step (None if none ran: a resumed run that had finished its steps).
     A non-finite loss or scale raises NonFinite after restoring the last scales that gave a finite
@@ -133,13 +151,13 @@ def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device=
             cur = snapshot()              # the scales this step's loss is computed with
             x = wins[torch.randint(len(wins), (batch_size,), generator=gen)].to(device)
             with autocast:
-                _, loss = model(x[:, :-1], x[:, 1:])
+                value = step_loss(model, x, loss)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             opt.step()
             sched.step()
             # one host sync per step: the loss and the largest |log s| per parameter
-            vals = torch.stack([loss.detach().float(), *torch._foreach_norm(params, float("inf"))]).tolist()
+            vals = torch.stack([value.detach().float(), *torch._foreach_norm(params, float("inf"))]).tolist()
             if not math.isfinite(vals[0]) or not all(math.isfinite(v) and v <= LOG_LIMIT for v in vals[1:]):
                 # a non-finite loss condemns this step's scales; a finite one only the update
                 good, kept = (cur, step) if math.isfinite(vals[0]) else (prev, step - 1)
@@ -187,7 +205,8 @@ def run_record(a, model, cfg) -> dict:
     """What this run is: --resume refuses a state whose record differs."""
     return {"fingerprint": sasq.fingerprint(model), "config": dataclasses.asdict(cfg), "steps": a.steps,
             "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "calib": list(a.calib), "init": a.init,
-            "trunc_mult": a.trunc_mult, "calib_windows": a.calib_windows, "heldout": a.heldout, "seed": a.seed}
+            "trunc_mult": a.trunc_mult, "calib_windows": a.calib_windows, "heldout": a.heldout, "seed": a.seed,
+            "loss": a.loss}
 
 
 def check_paths(p, a, state):
@@ -205,8 +224,10 @@ def main(argv=None):
     state = a.out + ".state.pt"
     torch.manual_seed(a.seed)
     model, train_wins, calib_wins, held = prepare(a)
+    if a.rotate:
+        baselines.rotate(model, a.seed)
     cfg = sasq.QuantConfig(wbits=a.wbits, abits=a.abits, truncation=not (a.no_truncation or a.deployable),
-                           tied_wo=a.deployable)
+                           tied_wo=a.deployable, rotate=a.seed if a.rotate else None)
     fp_ppl = data.perplexity(model, held, a.batch_size, a.device)
     quantizers = sasq.attach(model, cfg)
     sasq.calibrate(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult)
@@ -217,7 +238,7 @@ def main(argv=None):
     try:
         losses, first = train_scales(model, quantizers, train_wins, a.steps, a.batch_size, a.lr, a.seed, a.device,
                                      state_path=state, save_every=a.save_every, resume=a.resume,
-                                     run=run_record(a, model, cfg))
+                                     run=run_record(a, model, cfg), loss=a.loss)
     except NonFinite as e:
         if e.kept is None:
             raise SystemExit(f"error: {e}; nothing saved")
@@ -232,9 +253,9 @@ def main(argv=None):
     k = max(1, len(losses) // 10)    # per-batch losses are noisy: compare the means of the first and last tenth
     print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s" +
           (f" (first step {first:.1f} s)" if first is not None else " (all steps were done before --resume)") +
-          f"; training loss, mean of the first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
+          f"; training loss ({a.loss}), mean of the first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
     sasq.save(a.out, model, quantizers, cfg, force=a.force,
-              extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib),
+              extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib), "loss": a.loss,
                      "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl})
     if os.path.exists(state):
         os.remove(state)
