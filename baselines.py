@@ -149,6 +149,7 @@ def rotate(model, seed=0):
     if model.output is None:                                                   # a. untie the head
         model.output = nn.Linear(a.dim, a.vocab_size, bias=False).to(p.device, p.dtype)
         model.output.weight.copy_(p)
+        model.output.requires_grad_(p.requires_grad)
         model.args = replace(a, tie_embeddings=False)
     gain = lambda norm: lambda w: w * norm.weight.double()                     # noqa: E731
     update(model.tok_embeddings.weight, q_in)

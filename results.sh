@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Produces the README's results table: every baseline and SASQ variant, on the same windows.
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] [train|eval|all]   (H100: about 8 minutes for SmolLM2-135M)
+#   bash results.sh OUTDIR [CKPT] [WIKITEXT] baselines|baselines-eval|baselines-long   SmoothQuant, QuaRot-RTN,
+#     SASQ (+ rotation, + KL) at A8/A6/A4, and longer low-bit training (docs/baselines.md);
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] deploy|deploy-eval|deploy-decode|deploy-mix   the deployment table:
 #     deploy: train --deployable, export it and the bf16 model, llm-compressor's recipes (peers.py);
 #     deploy-eval: every row through eval.py, exported folders through transformers; deploy-decode:
@@ -26,6 +28,63 @@ if [ "$stage" = deploy ]; then
   exit 0
 fi
 ev() { python3 eval.py --ckpt "$ckpt" --test "$test" --test hamlet --calib "$calib" "$@"; }
+together() {  # one command per stdin line, "NAME ARGS...", run concurrently (a 135M model leaves the GPU idle);
+  local pids=() fn=$1 line; shift  # each logs to OUT/NAME.log; fails if any fails
+  while read -r line; do
+    [ -n "$line" ] && { $fn $line > "$out/${line%% *}.log" 2>&1 & pids+=($!); }
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+}
+if [ "$stage" = baselines ]; then    # SASQ at A6/A4, on the rotated model (--rotate), with the KL loss
+  together run <<'LIST'
+w8a6-max --abits 6
+w8a4-max --abits 4
+w8a8-kl --loss kl
+LIST
+  together run <<'LIST'
+w8a8-rot --rotate
+w8a6-rot --rotate --abits 6
+w8a4-rot --rotate --abits 4
+LIST
+  together run <<'LIST'
+w8a4-kl --loss kl --abits 4
+w8a6-rot-kl --rotate --loss kl --abits 6
+w8a4-rot-kl --rotate --loss kl --abits 4
+LIST
+  exit 0
+fi
+if [ "$stage" = baselines-long ]; then   # longer training at A4/A6 (what the low-bit targets needed)
+  together run <<'LIST'
+w8a4-rot-s1000-lr5 --rotate --abits 4 --steps 1000 --lr 5e-2
+w8a4-s1000-lr5 --abits 4 --steps 1000 --lr 5e-2
+w8a4-rot-s1000-lr5-mix --rotate --abits 4 --steps 1000 --lr 5e-2 --calib comedies
+LIST
+  together run <<'LIST'
+w8a4-rot-s500 --rotate --abits 4 --steps 500
+w8a4-s500 --abits 4 --steps 500
+w8a4-rot-s500-lr5 --rotate --abits 4 --steps 500 --lr 5e-2
+w8a6-rot-s300 --rotate --abits 6 --steps 300
+LIST
+  ev --modes fp $(for n in w8a4-rot-s500 w8a4-s500 w8a4-rot-s500-lr5 w8a6-rot-s300; do echo --scales "$out/$n.safetensors"; done) \
+    --json "$out/longer.json"
+  ev --modes fp $(for n in w8a4-rot-s1000-lr5 w8a4-s1000-lr5 w8a4-rot-s1000-lr5-mix; do echo --scales "$out/$n.safetensors"; done) \
+    --json "$out/longer2.json"
+  exit 0
+fi
+evb() { local name=$1 bits=$2; shift 2; ev --abits "$bits" --json "$out/$name.json" "$@"; }
+if [ "$stage" = baselines-eval ]; then   # the field's methods at A8/A6/A4, then fp and every SASQ file
+  together evb <<'LIST'
+base-a8 8 --modes dynamic,smoothquant,smoothquant-static,quarot
+base-a6 6 --modes dynamic,smoothquant,smoothquant-static,quarot
+base-a4 4 --modes dynamic,smoothquant,smoothquant-static,quarot
+sq08-a8 8 --alpha 0.8 --modes smoothquant,smoothquant-static
+sq08-a6 6 --alpha 0.8 --modes smoothquant,smoothquant-static
+sq08-a4 4 --alpha 0.8 --modes smoothquant,smoothquant-static
+LIST
+  ev --modes fp --scales results/w8a8-max.safetensors $(for n in w8a6-max w8a4-max w8a8-kl w8a4-kl w8a8-rot \
+    w8a6-rot w8a4-rot w8a6-rot-kl w8a4-rot-kl; do echo --scales "$out/$n.safetensors"; done) --json "$out/sasq.json"
+  exit 0
+fi
 if [ "$stage" = deploy-eval ]; then
   ev --modes fp,dynamic --scales results/w8a8-max.safetensors --scales "$out/w8a8-deploy.safetensors" \
     --hf "$out/hf-sasq-w8a8" --hf "$out/peers/w8a8-dynamic" --hf "$out/peers/w8a8-static-tensor" \

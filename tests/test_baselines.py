@@ -68,6 +68,7 @@ def test_rotation_keeps_the_logits(tiny48, tied):
     ref = m(x)[0]
     baselines.rotate(m, seed=3)
     assert m.output is not None and not m.args.tie_embeddings
+    assert not any(p.requires_grad for p in m.parameters())     # a frozen model stays frozen
     assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in (m.norm, m.layers[0].ffn_norm))
     torch.testing.assert_close(m(x)[0], ref, atol=5e-5, rtol=1e-5)
     # the residual stream really is rotated: the embedding rows moved
