@@ -24,11 +24,12 @@ import os
 import shutil
 import tempfile
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 
-import data
+import cli
 import int8
 import model as llama
 import sasq
@@ -160,7 +161,7 @@ def sec_linear(a, dev, args, results):
     rows = []
     for name, (k, n) in shapes.items():
         lin = torch.nn.Linear(k, n, bias=False, device=dev)
-        act = sasq.ActQuantizer(k, sasq.QuantConfig(), truncate=True).to(dev)
+        act = sasq.ActQuantizer(k, sasq.QuantConfig(), norm_input=True).to(dev)
         with torch.no_grad():
             act.log_scale.fill_(torch.tensor(2.0 / 127).log().item())
             act.log_c.fill_(torch.tensor(8.0).log().item())
@@ -345,24 +346,16 @@ def profile_step(m, qs, wins, batch):
 
 
 def write_hf(m, args, folder, tokenizer):
-    """Save `m` as a Hugging Face folder: config.json, 2 safetensors shards (as the hub's 7B has), the
-    tokenizer. q/k rows are not HF-permuted (random weights); the loader still does its permutation."""
+    """Save `m` as a Hugging Face folder (export.py's names, q/k order and config.json), in 2 safetensors
+    shards as the hub's 7B has, with the tokenizer."""
     from safetensors.torch import save_file
-    to_hf, top = {v: k for k, v in llama.HF_LEAF.items()}, {v: k for k, v in llama.HF_TOP.items()}
-    sd = {}
-    for k, v in m.state_dict().items():
-        if k.startswith("layers."):
-            _, i, *mid, leaf = k.split(".")
-            k = f"model.layers.{i}.{to_hf['.'.join(mid)]}.{leaf}"
-        sd[top.get(k, k)] = v.cpu()
+    import export
+    sd = {k: v.cpu() for k, v in export.to_hf(m.state_dict(), args).items()}
     keys = list(sd)
     for j, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
         save_file({k: sd[k] for k in part}, os.path.join(folder, f"model-{j + 1:05d}-of-00002.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
-                   "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
-                   "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-                   "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:      # LLaMA-2's BOS/EOS ids
+        json.dump(export.hf_config(args, types.SimpleNamespace(bos_id=1, eos_id=2), next(m.parameters()).dtype), f)
     shutil.copy(tokenizer, os.path.join(folder, "tokenizer.model"))
 
 
@@ -401,7 +394,7 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None, help="a tokenizer.model, for the load section's folder")
     p.add_argument("--load-dir", default=None, help="where the load section writes its checkpoint (default: tmp)")
     a = p.parse_args(argv)
-    data.check_args(p, a)
+    cli.check_args(p, a)
     if not a.tiny and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: error: no CUDA GPU here: the 7B-shape sections need one; --tiny runs them on the CPU\n")
     sections = [s for s in a.sections.split(",") if s]
@@ -409,10 +402,7 @@ def main(argv=None):
         p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
     dev = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     args = TINY if a.tiny else llama.ModelArgs()          # ModelArgs() is LLaMA-2-7B
-    cfg = torch._dynamo.config                              # one graph per shape and variant: allow many
-    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
-    if hasattr(cfg, "accumulated_recompile_limit"):
-        cfg.accumulated_recompile_limit = 4096
+    llama.allow_recompiles()                                # one graph per shape and variant
     device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, int8 back end {int8.BACKEND if dev == 'cuda' else 'torch'}")
     results = {}

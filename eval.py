@@ -24,18 +24,19 @@ import time
 import torch
 
 import baselines
+import cli
 import data
 import model as llama
 import sasq
 
 DYNAMIC = lambda w, a: sasq.QuantConfig(wbits=w, abits=a, act="dynamic")                         # noqa: E731
 TENSOR = lambda w, a: sasq.QuantConfig(wbits=w, abits=a, per_channel=False, truncation=False)     # noqa: E731
-BASELINES = {   # mode -> (quantizer config, PTQ init method or None, table label, float-model rewrite)
+BASELINES = {   # mode -> (quantizer config, PTQ init method ("init": --init) or None, label, float-model rewrite)
     "w8": (lambda w, a: sasq.QuantConfig(wbits=w, abits=None), None, "W{w} (weights only)", None),
     "dynamic": (DYNAMIC, None, "W{w}A{a} dynamic per-token", None),
     "static-tensor": (TENSOR, "max", "W{w}A{a} static per-tensor (max)", None),
-    "static-channel": (lambda w, a: sasq.QuantConfig(wbits=w, abits=a, truncation=False), "mean",
-                       "W{w}A{a} static per-channel (PTQ init)", None),
+    "static-channel": (lambda w, a: sasq.QuantConfig(wbits=w, abits=a, truncation=False), "init",
+                       "W{w}A{a} static per-channel (PTQ init, {init})", None),
     "smoothquant": (DYNAMIC, None, "W{w}A{a} SmoothQuant a={alpha} dynamic per-token", "smooth"),
     "smoothquant-static": (TENSOR, "max", "W{w}A{a} SmoothQuant a={alpha} static per-tensor (max)", "smooth"),
     "quarot": (lambda w, a: sasq.QuantConfig(wbits=w, abits=a, act="dynamic", clip=0.9), None,
@@ -55,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--abits", type=int, default=8)
     p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text for the static baselines")
     p.add_argument("--calib-windows", type=int, default=16, help="as train.py's PTQ initialisation")
+    p.add_argument("--init", choices=("mean", "max"), default=sasq.INIT, help="static-channel's PTQ init, as train.py's")
     p.add_argument("--calib-seq-len", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--limit", type=int, default=None, help="only the first N windows")
@@ -74,7 +76,7 @@ def parse_args(argv=None):
                    "one-token decode steps (dynamic: static prefill, per-token dynamic decode)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
-    data.check_args(p, a)
+    cli.check_args(p, a)
     if not 0 <= a.alpha <= 1:
         p.exit(2, f"{p.prog}: error: --alpha must be in 0..1, got {a.alpha}\n")
     return a
@@ -123,10 +125,11 @@ def attach_mode(model, tok, mode, a):
         model = rewritten(tok, a, how)
     cfg = make(a.wbits, a.abits)
     qs = sasq.attach(model, cfg)
+    init = a.init if init == "init" else init
     if init is not None:
         sasq.calibrate(model, qs, calib_windows(tok, a), batch_size=4, method=init)
     sasq.freeze(model)
-    return model, label.format(w=a.wbits, a=a.abits, alpha=a.alpha), cfg.wbits, cfg.abits
+    return model, label.format(w=a.wbits, a=a.abits, alpha=a.alpha, init=init), cfg.wbits, cfg.abits
 
 
 def detach_mode(model, a):
@@ -248,4 +251,4 @@ def markdown_table(rows, tests):
 
 
 if __name__ == "__main__":
-    data.run(main)
+    cli.run(main)

@@ -24,6 +24,7 @@ import shutil
 
 import torch
 
+import cli
 import data
 import model as llama
 import sasq
@@ -206,7 +207,7 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
-    data.check_args(p, a)
+    cli.check_args(p, a)
     if os.path.exists(a.out) and not a.force:
         p.exit(2, f"{p.prog}: error: --out {a.out} exists; pass --force to replace it\n")
     return a
@@ -227,4 +228,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run(main)
+    cli.run(main)

@@ -141,8 +141,8 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         xf = x.float()
         if self.c is not None:
-            xf = self.c * torch.tanh(xf / self.c)                               # the learned truncation
-        q = torch.clamp(torch.round(xf / self.a_scale), -128, 127).to(torch.int8)
+            xf = sasq.soft_clip(xf, self.c)                                     # the learned truncation
+        q = sasq.quantize(xf, self.a_scale, 8).to(torch.int8)                   # elementwise: no reduction
         return mm(q.reshape(-1, q.shape[-1]), self.weight, self.w_scale, None, x.dtype).unflatten(0, x.shape[:-1])
 
 
@@ -158,9 +158,9 @@ class DynamicInt8Linear(nn.Module):
 
     def forward(self, x):
         xf = x.float().reshape(-1, x.shape[-1])
-        s = xf.abs().amax(-1).clamp(min=1e-8) / 127                            # (tokens,)
-        q = torch.clamp(torch.round(xf / s[:, None]), -128, 127).to(torch.int8)
-        return mm(q, self.weight, self.w_scale, s, x.dtype).unflatten(0, x.shape[:-1])
+        s = sasq.token_scale(xf, 8)                                             # (tokens, 1): a reduction per token
+        q = sasq.quantize(xf, s, 8).to(torch.int8)
+        return mm(q, self.weight, self.w_scale, s[:, 0], x.dtype).unflatten(0, x.shape[:-1])
 
 
 def _swap(model, fn):

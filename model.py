@@ -132,6 +132,14 @@ class FeedForward(nn.Module):
         return self.w2(self.w2_in(F.silu(self.w1(x)) * self.w3(x)))
 
 
+def allow_recompiles():
+    """torch.compile makes one graph per input shape and per set of swapped-in modules: allow many."""
+    cfg = torch._dynamo.config
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = 4096
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -188,8 +196,7 @@ class Transformer(nn.Module):
     def compile_blocks(self):
         """torch.compile every decoder block. One graph per input shape and per set of swapped-in
         linears (quantizers, INT8 layers), so dynamo's recompile limit is raised."""
-        cfg = torch._dynamo.config
-        setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
+        allow_recompiles()
         for layer in self.layers:
             layer.compile()
 

@@ -18,6 +18,7 @@ import shutil
 
 import torch
 
+import cli
 import data
 import model as llama
 
@@ -76,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run(main)
+    cli.run(main)

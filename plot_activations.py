@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import model as llama  # noqa: E402
 import sasq  # noqa: E402
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
-    data.check_args(p, a)
+    cli.check_args(p, a)
     return a
 
 
@@ -185,4 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run(main)
+    cli.run(main)

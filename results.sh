@@ -3,6 +3,7 @@
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] [train|eval|all]   (H100: about 8 minutes for SmolLM2-135M)
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] baselines|baselines-eval|baselines-long   SmoothQuant, QuaRot-RTN,
 #     SASQ (+ rotation, + KL) at A8/A6/A4, and longer low-bit training (docs/baselines.md);
+#   bash results.sh OUTDIR [CKPT] [WIKITEXT] headline   the README's table, from the committed scales files;
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] deploy|deploy-eval|deploy-decode|deploy-mix   the deployment table:
 #     deploy: train --deployable, export it and the bf16 model, llm-compressor's recipes (peers.py);
 #     deploy-eval: every row through eval.py, exported folders through transformers; deploy-decode:
@@ -71,6 +72,11 @@ LIST
     --json "$out/longer2.json"
   exit 0
 fi
+if [ "$stage" = headline ]; then   # the README's table: committed scales, the PTQ row with the recipe's init
+  ev --modes fp,dynamic,static-tensor,static-channel,quarot --init max --scales results/w8a8-max.safetensors \
+    --scales results/baselines/w8a8-rot.safetensors --scales results/w8a8-mix.safetensors --json "$out/headline.json"
+  exit 0
+fi
 evb() { local name=$1 bits=$2; shift 2; ev --abits "$bits" --json "$out/$name.json" "$@"; }
 if [ "$stage" = baselines-eval ]; then   # the field's methods at A8/A6/A4, then fp and every SASQ file
   together evb <<'LIST'
@@ -117,7 +123,7 @@ run w8a8-mix --calib comedies  # calibration mix: + Shakespeare's comedies (Haml
 fi
 [ "$stage" = train ] && exit 0
 python3 eval.py --ckpt "$ckpt" --test "$test" --test hamlet --calib "$calib" \
-  --modes fp,w8,dynamic,static-tensor,static-channel --json "$out/results.json" \
+  --modes fp,w8,dynamic,static-tensor,static-channel --init mean --json "$out/results.json" \
   $(for f in "$out"/w8a*.safetensors; do echo --scales "$f"; done)
 python3 eval.py --ckpt "$ckpt" --test "$test" --test hamlet --calib "$calib" --abits 4 \
-  --modes dynamic,static-channel --json "$out/results-a4.json"
+  --modes dynamic,static-channel --init mean --json "$out/results-a4.json"

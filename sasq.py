@@ -5,8 +5,8 @@ Read top to bottom, this file is the method:
   2. a quantization point (ActQuantizer): soft truncation c*tanh(x/c), then static codes round(x/s);
   3. QuantLinear: the per-input-channel scale folded into the weight, so that the fake-quant graph
      is exactly an int8 x int8 GEMM with one float scale per output column;
-  4. attach/detach to a model.Transformer at four points per layer (one walker over them: points());
-  5. PTQ calibration (the initial scales) from forward pre-hooks on the float model; freezing, saving, loading.
+  4. attach/detach/freeze at four points per layer of a model.Transformer (one walker over them: points());
+  5. PTQ calibration (the initial scales) from forward pre-hooks on the float model; saving and loading.
 Weights stay frozen throughout; only log-scales and log-thresholds are trained (train.py).
 """
 import contextlib
@@ -34,6 +34,9 @@ class RoundSTE(torch.autograd.Function):
         return grad
 
 
+BITS = range(2, 9)      # the bit widths a quantizer takes
+
+
 def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
@@ -46,6 +49,16 @@ def quantize(x, scale, bits: int):
     qmax outside, without a hand-written backward.
     """
     return RoundSTE.apply(x / scale).clamp(-qmax(bits) - 1, qmax(bits))
+
+
+def soft_clip(x, c):
+    """Adaptive non-linear truncation: ~identity where |x| << c, squeezes outliers towards +-c."""
+    return c * torch.tanh(x / c)
+
+
+def token_scale(x, bits: int, clip=1.0):
+    """The dynamic baseline's scale: clip * (absmax over each token's channels) / qmax, (..., 1)."""
+    return clip * x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / qmax(bits)
 
 
 def quantize_weight(w, bits):
@@ -72,7 +85,7 @@ class QuantConfig:
 
     def __post_init__(self):
         for b in (self.wbits, self.abits):
-            if b is not None and not 2 <= b <= 8:
+            if b is not None and b not in BITS:
                 raise ValueError(f"bits must be in 2..8, got {b}")
         if self.act not in ("static", "dynamic"):
             raise ValueError(f"act must be 'static' or 'dynamic', got {self.act!r}")
@@ -85,13 +98,13 @@ class ActQuantizer(nn.Module):
     `groups=(n_kv, n_rep, head_dim)` ties the scales of the wo input (n_heads * head_dim channels)
     across the n_rep query heads that read one kv head: n_kv * head_dim trained scales, expanded."""
 
-    def __init__(self, dim: int, cfg: QuantConfig, truncate: bool, groups=None):
+    def __init__(self, dim: int, cfg: QuantConfig, norm_input: bool, groups=None):
         super().__init__()
         self.bits, self.mode, self.groups = cfg.abits, cfg.act, groups
         n = 1 if not cfg.per_channel else dim if groups is None else groups[0] * groups[2]
         self.log_scale = nn.Parameter(torch.zeros(n))
         # thresholds start out of reach (identity); calibrate() sets them from the data
-        use_c = truncate and cfg.truncation and cfg.act == "static" and cfg.abits is not None
+        use_c = norm_input and cfg.truncation and cfg.act == "static" and cfg.abits is not None
         self.log_c = nn.Parameter(torch.full((dim,), math.log(1e4))) if use_c else None
         self.clip = cfg.clip
         self.decode = "static"         # "dynamic": decode steps (one token) take per-token scales instead
@@ -105,11 +118,7 @@ class ActQuantizer(nn.Module):
         return s
 
     def truncate(self, x):
-        """Adaptive non-linear truncation: ~identity where |x| << c, squeezes outliers towards +-c."""
-        if self.log_c is None:
-            return x
-        c = self.log_c.exp()
-        return c * torch.tanh(x / c)
+        return x if self.log_c is None else soft_clip(x, self.log_c.exp())
 
     def forward(self, x):
         if self.bits is None:
@@ -121,7 +130,7 @@ class ActQuantizer(nn.Module):
         if self.mode == "static":                             # a static model's decode step, dynamic:
             x = x / self.scale()                              # the folded model's activation (export.py)
         # the dynamic baseline: a max over channels, every token, at run time
-        s = self.clip * x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / qmax(self.bits)
+        s = token_scale(x, self.bits, self.clip)
         return quantize(x, s, self.bits), s
 
     def per_token(self, x):
@@ -167,9 +176,10 @@ class QuantLinear(nn.Module):
         return y
 
 
-# --------------------------------------------------------------------------- 4. attach / detach
+# --------------------------------------------------------------------------- 4. attach / detach / freeze
 
-# The four quantization points per decoder layer: (sub-module, linears that read the activation, truncated?)
+# The four quantization points per decoder layer: (sub-module, linears that read the activation, after a norm?
+# - the attention and FFN inputs, where the outliers live and the soft truncation applies)
 POINTS = {"attn": ("attention", ("wq", "wk", "wv"), True),       # after attention_norm
           "wo":   ("attention", ("wo",), False),
           "ffn":  ("feed_forward", ("w1", "w3"), True),          # after ffn_norm
@@ -223,13 +233,18 @@ def float_model(model):
             m.bypass = b
 
 
-def freeze(model, on: bool = True):
-    """Stage 3: cache the weight codes (scales are final) so inference does no per-call weight work."""
+def freeze(model):
+    """Cache the weight codes (scales are final) so inference does no per-call weight work."""
     with torch.no_grad():
         for m in quant_linears(model):
             m.frozen = None
-            if on:
-                m.frozen = m.weight_codes()
+            m.frozen = m.weight_codes()
+
+
+def unfreeze(model):
+    """Back to computing the weight codes from the current scales (training)."""
+    for m in quant_linears(model):
+        m.frozen = None
 
 
 # --------------------------------------------------------------------------- 5. PTQ initialisation
@@ -276,7 +291,7 @@ def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0
         q.log_scale.copy_((init.clamp(min=1e-6) / qmax(q.bits or 8)).log())
 
 
-# --------------------------------------------------------------------------- saving and loading
+# --------------------------------------------------------------------------- 5. saving and loading
 
 class ScalesError(Exception):
     """A scales file that is unreadable or belongs to another model / configuration."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import baselines
+import cli
 import data
 import model as llama
 import sasq
@@ -58,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     a.calib = a.calib or [data.CALIB]
-    data.check_args(p, a)
+    cli.check_args(p, a)
     check_paths(p, a, a.out + ".state.pt")
     return a
 
@@ -112,6 +113,14 @@ def load_state(path, run):
     return st
 
 
+def resume_state(path, run, quantizers, opt, sched, gen):
+    """Load an interrupted run's state into the trainable objects; returns (next step, losses so far)."""
+    st = load_state(path, run or {})
+    quantizers.load_state_dict(st["quantizers"]), opt.load_state_dict(st["opt"])
+    sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
+    return st["step"], st["losses"]
+
+
 # |log s| above this makes no sense for an activation scale (e^80 ~ 5e34) and overflows soon after
 LOG_LIMIT = 80.0
 
@@ -127,28 +136,45 @@ def step_loss(model, x, kind="ce"):
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
+class FiniteGuard:
+    """Remembers the scales each step starts from. check() makes one host sync per step (the loss and the
+    largest |log s| per parameter); on a non-finite loss or scale it restores the last scales that gave a
+    finite loss and raises NonFinite (a non-finite loss condemns this step's scales, a finite one only the
+    update)."""
+
+    def __init__(self, quantizers, start):
+        self.q, self.params, self.start, self.cur, self.prev = quantizers, list(quantizers.parameters()), start, None, None
+
+    def remember(self):
+        self.prev, self.cur = self.cur, {k: v.clone() for k, v in self.q.state_dict().items()}
+
+    def check(self, loss, step) -> float:
+        vals = torch.stack([loss.detach().float(), *torch._foreach_norm(self.params, float("inf"))]).tolist()
+        if math.isfinite(vals[0]) and all(math.isfinite(v) and v <= LOG_LIMIT for v in vals[1:]):
+            return vals[0]
+        good, kept = (self.cur, step) if math.isfinite(vals[0]) else (self.prev, step - 1)
+        if good is None or kept < self.start:
+            raise NonFinite(f"non-finite loss at step {step}, the first step of this run; no usable scales", None)
+        self.q.load_state_dict(good)
+        raise NonFinite(f"non-finite loss or scale at step {step}; kept the scales of step {kept}", kept)
+
+
 def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device="cpu", progress=True,
                  state_path=None, save_every=0, resume=False, run=None, loss="ce"):
     """Adam + cosine decay on the quantizers' parameters only; returns the loss of every step and the
     seconds of the first step (None if none ran: a resumed run that had finished its steps).
-    A non-finite loss or scale raises NonFinite after restoring the last scales that gave a finite
-    loss; SIGINT/SIGTERM raises Stopped after writing `state_path` for --resume."""
+    A non-finite loss or scale raises NonFinite (FiniteGuard); SIGINT/SIGTERM raises Stopped after
+    writing `state_path` for --resume."""
     params = list(quantizers.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
-    start, losses = 0, []
-    if resume:
-        st = load_state(state_path, run or {})
-        quantizers.load_state_dict(st["quantizers"]), opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
-        start, losses = st["step"], st["losses"]
+    start, losses = resume_state(state_path, run, quantizers, opt, sched, gen) if resume else (0, [])
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
-    snapshot = lambda: {k: v.clone() for k, v in quantizers.state_dict().items()}  # noqa: E731
-    t0, first, prev = time.time(), None, None
+    guard, t0, first = FiniteGuard(quantizers, start), time.time(), None
     with StopOnSignal() as stop:
         for step in tqdm(range(start, steps), desc="train scales", disable=None if progress else True):
-            cur = snapshot()              # the scales this step's loss is computed with
+            guard.remember()
             x = wins[torch.randint(len(wins), (batch_size,), generator=gen)].to(device)
             with autocast:
                 value = step_loss(model, x, loss)
@@ -156,17 +182,7 @@ def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device=
             value.backward()
             opt.step()
             sched.step()
-            # one host sync per step: the loss and the largest |log s| per parameter
-            vals = torch.stack([value.detach().float(), *torch._foreach_norm(params, float("inf"))]).tolist()
-            if not math.isfinite(vals[0]) or not all(math.isfinite(v) and v <= LOG_LIMIT for v in vals[1:]):
-                # a non-finite loss condemns this step's scales; a finite one only the update
-                good, kept = (cur, step) if math.isfinite(vals[0]) else (prev, step - 1)
-                if good is not None and kept >= start:
-                    quantizers.load_state_dict(good)
-                    raise NonFinite(f"non-finite loss or scale at step {step}; kept the scales of step {kept}", kept)
-                raise NonFinite(f"non-finite loss at step {step}, the first step of this run; no usable scales", None)
-            prev = cur
-            losses.append(vals[0])
+            losses.append(guard.check(value, step))
             first = first or time.time() - t0
             if state_path and (stop.flag or (save_every and (step + 1) % save_every == 0)):
                 save_state(state_path, step + 1, quantizers, opt, sched, gen, losses, run)
@@ -197,7 +213,7 @@ def prepare(a):
 def heldout_ppl(model, held, a):
     sasq.freeze(model)                 # evaluate exactly what inference will run
     ppl = data.perplexity(model, held, a.batch_size, a.device)
-    sasq.freeze(model, False)
+    sasq.unfreeze(model)
     return ppl
 
 
@@ -211,7 +227,7 @@ def run_record(a, model, cfg) -> dict:
 
 def check_paths(p, a, state):
     """Before loading anything: --out writable and not clobbered, the state file consistent with --resume."""
-    data.check_writable(p, a.out, a.force)
+    cli.check_writable(p, a.out, a.force)
     if a.resume and not os.path.exists(state):
         p.exit(2, f"{p.prog}: error: --resume but no {state} from an interrupted run\n")
     if not a.resume and os.path.exists(state) and not a.force:
@@ -263,4 +279,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run(main)
+    cli.run(main)

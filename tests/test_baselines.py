@@ -101,7 +101,7 @@ def test_quarot_rtn_quantizes_by_its_formula():
     """Dynamic per-token RTN with clip 0.9: codes = clamp(round(x / (0.9 * absmax / qmax))), y = codes @ Wq.T * sw * s."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 8, bias=False)
-    q = sasq.ActQuantizer(16, sasq.QuantConfig(abits=4, act="dynamic", clip=0.9), truncate=False)
+    q = sasq.ActQuantizer(16, sasq.QuantConfig(abits=4, act="dynamic", clip=0.9), norm_input=False)
     ql = sasq.QuantLinear(lin, q, 8)
     x = torch.randn(3, 5, 16)
     s = 0.9 * x.abs().amax(-1, keepdim=True) / 7

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def static_quant_linear(seed=0, truncate=True):
     torch.manual_seed(seed)
     lin = torch.nn.Linear(64, 40, bias=False)
-    act = sasq.ActQuantizer(64, sasq.QuantConfig(), truncate=truncate)
+    act = sasq.ActQuantizer(64, sasq.QuantConfig(), norm_input=truncate)
     with torch.no_grad():
         act.log_scale.copy_((torch.rand(64) * 0.03 + 0.005).log())
         if act.log_c is not None:

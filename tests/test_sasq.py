@@ -16,16 +16,16 @@ def formula(x, s, bits):
 def test_fake_quant_equals_formula(bits):
     x = torch.randn(3, 5, 16) * 3
     cfg = sasq.QuantConfig(abits=bits, truncation=False)
-    static = sasq.ActQuantizer(16, cfg, truncate=False)
+    static = sasq.ActQuantizer(16, cfg, norm_input=False)
     with torch.no_grad():
         static.log_scale.copy_(torch.rand(16).add(0.05).log())
     q, s = static(x)
     torch.testing.assert_close(q, formula(x, static.log_scale.exp(), bits), atol=0, rtol=0)
-    tensor = sasq.ActQuantizer(16, sasq.QuantConfig(abits=bits, per_channel=False), truncate=False)
+    tensor = sasq.ActQuantizer(16, sasq.QuantConfig(abits=bits, per_channel=False), norm_input=False)
     q, s = tensor(x)
     assert s.shape == (1,)
     torch.testing.assert_close(q, formula(x, torch.ones(1), bits), atol=0, rtol=0)
-    dyn = sasq.ActQuantizer(16, sasq.QuantConfig(abits=bits, act="dynamic"), truncate=True)
+    dyn = sasq.ActQuantizer(16, sasq.QuantConfig(abits=bits, act="dynamic"), norm_input=True)
     q, s = dyn(x)
     per_token = x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
     torch.testing.assert_close(s, per_token, atol=0, rtol=0)
@@ -48,7 +48,7 @@ def test_ste_gradients_are_lsq():
 def test_folded_linear_is_an_integer_gemm():
     torch.manual_seed(0)
     lin = torch.nn.Linear(24, 8, bias=False)
-    act = sasq.ActQuantizer(24, sasq.QuantConfig(), truncate=False)
+    act = sasq.ActQuantizer(24, sasq.QuantConfig(), norm_input=False)
     with torch.no_grad():
         act.log_scale.copy_((torch.rand(24) * 0.05 + 0.01).log())
     ql = sasq.QuantLinear(lin, act, wbits=8)
