@@ -250,35 +250,43 @@ def unfreeze(model):
 # --------------------------------------------------------------------------- 5. PTQ initialisation
 
 @torch.no_grad()
-def observe(model, wins, batch_size=1, progress=True):
+def observe(model, wins, batch_size=1, progress=True, comm=None):
     """The float model's per-channel absmax at every quantization point, one row per calibration batch:
     stats[layer][point] is (batches, dim) fp32. Forward pre-hooks on each point's first reader record it
-    (a point read by q, k and v is recorded once); attached quantizers are bypassed meanwhile."""
+    (a point read by q, k and v is recorded once); attached quantizers are bypassed meanwhile.
+    With `comm` (fsdp.py) a batch is world x batch_size windows, each rank observes its slice, and a
+    MAX all-reduce makes the rows one process would record (a trailing partial batch is dropped)."""
     from tqdm import tqdm
     stats = [{p: [] for p in POINTS} for _ in model.layers]
     record = lambda rows: lambda mod, args: rows.append(args[0].detach().abs().flatten(0, -2).amax(0).float())  # noqa: E731
     hooks = [getattr(parent, names[0]).register_forward_pre_hook(record(stats[i][point]))
              for i, point, parent, names in points(model)]
     device = next(model.parameters()).device
+    rank, world = (comm.rank, comm.world) if comm else (0, 1)
+    end = len(wins) - len(wins) % (batch_size * world) if comm else len(wins)
     try:
         with float_model(model):
-            for i in tqdm(range(0, len(wins), batch_size), desc="calibrate", disable=None if progress else True,
+            for i in tqdm(range(0, end, batch_size * world), desc="calibrate", disable=None if progress else True,
                           leave=False):
-                model(wins[i:i + batch_size].to(device))
+                model(wins[i + rank * batch_size:i + (rank + 1) * batch_size].to(device))
     finally:
         for h in hooks:
             h.remove()
-    return [{p: torch.stack(rows) for p, rows in s.items()} for s in stats]
+    stats = [{p: torch.stack(rows) for p, rows in s.items()} for s in stats]
+    for s in stats if comm else []:
+        for rows in s.values():
+            comm.max_(rows)
+    return stats
 
 
 INIT = "max"    # the PTQ init of the recipe (train.py --init); the paper's is "mean"
 
 
 @torch.no_grad()
-def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0, progress=True):
+def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0, progress=True, comm=None):
     """Initial static scales from calibration windows: per channel, `max` (or `mean`) over batches of
     the batch's absmax, divided by qmax. Truncation thresholds start at trunc_mult x the absmax."""
-    stats = observe(model, wins, batch_size, progress)
+    stats = observe(model, wins, batch_size, progress, comm)
     for q, a in ((quantizers[i][p], stats[i][p]) for i in range(len(stats)) for p in POINTS):
         if q.log_c is not None:
             q.log_c.copy_((trunc_mult * a.amax(0).clamp(min=1e-6)).log())
@@ -318,12 +326,13 @@ def check_scales(tensors: dict, path=""):
             raise ScalesError(f"{path}{': ' if path else ''}{k} holds non-finite or zero scales; refusing them")
 
 
-def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None, force=True):
+def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None, force=True, fingerprint_=None):
     """Write scales and thresholds (safetensors) with the config and the model's fingerprint; atomically.
-    With force=False an existing file, even one created while this run went on, is never replaced."""
+    With force=False an existing file, even one created while this run went on, is never replaced.
+    `fingerprint_`: the id of the unsharded model, when `model` is sharded (fsdp.py)."""
     import os
     from safetensors.torch import save_file
-    meta = {"config": json.dumps(asdict(cfg)), "fingerprint": fingerprint(model),
+    meta = {"config": json.dumps(asdict(cfg)), "fingerprint": fingerprint_ or fingerprint(model),
             "extra": json.dumps(extra or {}, allow_nan=False, default=str)}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in quantizers.state_dict().items()}
     check_scales(tensors)

@@ -3,6 +3,7 @@
     python train.py                         # the embedded default model (SmolLM2-135M), hub WikiText-2
     python train.py --ckpt llama-2-7b --checkpointing
     python train.py --rotate --abits 4 --loss kl     # static scales on the rotated model, distilled from fp
+    torchrun --nproc-per-node 4 train.py --ckpt llama-2-70b --checkpointing     # FSDP2 (fsdp.py)
 """
 import argparse
 import dataclasses
@@ -18,6 +19,7 @@ from tqdm import tqdm
 import baselines
 import cli
 import data
+import fsdp
 import model as llama
 import sasq
 
@@ -160,11 +162,12 @@ class FiniteGuard:
 
 
 def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device="cpu", progress=True,
-                 state_path=None, save_every=0, resume=False, run=None, loss="ce"):
+                 state_path=None, save_every=0, resume=False, run=None, loss="ce", comm=None):
     """Adam + cosine decay on the quantizers' parameters only; returns the loss of every step and the
     seconds of the first step (None if none ran: a resumed run that had finished its steps).
     A non-finite loss or scale raises NonFinite (FiniteGuard); SIGINT/SIGTERM raises Stopped after
-    writing `state_path` for --resume."""
+    writing `state_path` for --resume. `comm` (fsdp.py): batch_size windows per rank, one global batch.""" 
+    rank, world = (comm.rank, comm.world) if comm else (0, 1)
     params = list(quantizers.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -173,31 +176,36 @@ def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device=
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
     guard, t0, first = FiniteGuard(quantizers, start), time.time(), None
     with StopOnSignal() as stop:
-        for step in tqdm(range(start, steps), desc="train scales", disable=None if progress else True):
+        for step in tqdm(range(start, steps), desc="train scales", disable=None if progress and not rank else True):
             guard.remember()
-            x = wins[torch.randint(len(wins), (batch_size,), generator=gen)].to(device)
+            idx = torch.randint(len(wins), (batch_size * world,), generator=gen)[rank * batch_size:][:batch_size]
+            x = wins[idx].to(device)
             with autocast:
                 value = step_loss(model, x, loss)
             opt.zero_grad(set_to_none=True)
             value.backward()
+            if comm:               # the replicated quantizers: average the gradients (and the loss, for the log)
+                comm.average_grads(params)
+                value = comm.mean(value)
             opt.step()
             sched.step()
             losses.append(guard.check(value, step))
             first = first or time.time() - t0
-            if state_path and (stop.flag or (save_every and (step + 1) % save_every == 0)):
+            flag = comm.any(stop.flag) if comm else stop.flag       # every rank stops at the same step
+            if state_path and not rank and (flag or (save_every and (step + 1) % save_every == 0)):
                 save_state(state_path, step + 1, quantizers, opt, sched, gen, losses, run)
-            if stop.flag:
-                raise Stopped(f"{stop.flag} after step {step + 1} of {steps}; state saved to {state_path}, "
-                              "continue with --resume")
+            if flag:
+                raise Stopped(f"{stop.flag or 'a signal to another rank'} after step {step + 1} of {steps}; state "
+                              f"saved to {state_path}, continue with --resume")
     # the method's contract: the pretrained weights neither receive gradients nor change
     assert all(p.grad is None for p in model.parameters() if not any(p is q for q in params))
     return losses, first
 
 
-def prepare(a):
+def prepare(a, device=None):
     """Load the model and cut the calibration text into training and held-back windows."""
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
-    model, tok = llama.load(a.ckpt, a.device, dtype)
+    model, tok = llama.load(a.ckpt, device or a.device, dtype)
     data.check_seq_len(model, a.seq_len)
     model.checkpointing = a.checkpointing
     sources = [data.token_windows(tok, spec, a.seq_len) for spec in a.calib]
@@ -210,16 +218,17 @@ def prepare(a):
     return model, torch.cat(sources), torch.cat([s[:share] for s in sources]), held
 
 
-def heldout_ppl(model, held, a):
-    sasq.freeze(model)                 # evaluate exactly what inference will run
-    ppl = data.perplexity(model, held, a.batch_size, a.device)
+def heldout_ppl(model, held, a, comm=None):
+    if not comm:                       # evaluate exactly what inference will run (sharded: the codes are
+        sasq.freeze(model)             # computed inside each block's forward, the same numbers)
+    ppl = data.perplexity(model, held, a.batch_size, a.device, progress=not (comm and comm.rank))
     sasq.unfreeze(model)
     return ppl
 
 
-def run_record(a, model, cfg) -> dict:
+def run_record(a, fingerprint, cfg, comm=None) -> dict:
     """What this run is: --resume refuses a state whose record differs."""
-    return {"fingerprint": sasq.fingerprint(model), "config": dataclasses.asdict(cfg), "steps": a.steps,
+    return {**({"world": comm.world} if comm else {}), "fingerprint": fingerprint, "config": dataclasses.asdict(cfg), "steps": a.steps,
             "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "calib": list(a.calib), "init": a.init,
             "trunc_mult": a.trunc_mult, "calib_windows": a.calib_windows, "heldout": a.heldout, "seed": a.seed,
             "loss": a.loss}
@@ -239,44 +248,56 @@ def main(argv=None):
     a = parse_args(argv)
     state = a.out + ".state.pt"
     torch.manual_seed(a.seed)
-    model, train_wins, calib_wins, held = prepare(a)
-    if a.rotate:
-        baselines.rotate(model, a.seed)
+    comm, a.device = fsdp.setup(a.device)      # under torchrun: the process group, this rank's device
+    if comm and a.rotate:
+        raise ValueError("--rotate is not supported under torchrun yet; rotate on one GPU")
+    if comm:
+        model, train_wins, calib_wins, held, fingerprint = fsdp.load(a, comm, a.device, prepare)
+        print(f"{comm.world} processes, FSDP2: global batch {comm.world} x {a.batch_size} windows")
+    else:
+        model, train_wins, calib_wins, held = prepare(a)
+        if a.rotate:
+            baselines.rotate(model, a.seed)
+        fingerprint = sasq.fingerprint(model)
     cfg = sasq.QuantConfig(wbits=a.wbits, abits=a.abits, truncation=not (a.no_truncation or a.deployable),
                            tied_wo=a.deployable, rotate=a.seed if a.rotate else None)
-    fp_ppl = data.perplexity(model, held, a.batch_size, a.device)
+    quiet = bool(comm and comm.rank)
+    fp_ppl = data.perplexity(model, held, a.batch_size, a.device, progress=not quiet)
     quantizers = sasq.attach(model, cfg)
-    sasq.calibrate(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult)
-    ptq_ppl = heldout_ppl(model, held, a)
-    if a.device.startswith("cuda") and not a.no_compile:
+    sasq.calibrate(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult, progress=not quiet, comm=comm)
+    ptq_ppl = heldout_ppl(model, held, a, comm)
+    if a.device.startswith("cuda") and not a.no_compile and not comm:
         model.compile_blocks()       # identical blocks share one compiled graph; the first steps compile
     t0 = time.time()
     try:
         losses, first = train_scales(model, quantizers, train_wins, a.steps, a.batch_size, a.lr, a.seed, a.device,
                                      state_path=state, save_every=a.save_every, resume=a.resume,
-                                     run=run_record(a, model, cfg), loss=a.loss)
+                                     run=run_record(a, fingerprint, cfg, comm), loss=a.loss, comm=comm)
     except NonFinite as e:
         if e.kept is None:
             raise SystemExit(f"error: {e}; nothing saved")
-        sasq.save(a.out, model, quantizers, cfg, extra={"stopped": str(e)}, force=a.force)
+        if not quiet:
+            sasq.save(a.out, model, quantizers, cfg, extra={"stopped": str(e)}, force=a.force, fingerprint_=fingerprint)
         raise SystemExit(f"error: {e}; those scales saved to {a.out}")
     except Stopped as e:
         raise SystemExit(f"stopped: {e}")
-    secs, sasq_ppl = time.time() - t0, heldout_ppl(model, held, a)
-    tokens = a.steps * a.batch_size * (a.seq_len - 1)
+    secs, sasq_ppl = time.time() - t0, heldout_ppl(model, held, a, comm)
+    tokens = a.steps * a.batch_size * (comm.world if comm else 1) * (a.seq_len - 1)
     print(f"held-out perplexity ({a.heldout} windows of {a.seq_len}): fp {fp_ppl:.3f} | "
           f"PTQ init {ptq_ppl:.3f} | SASQ {sasq_ppl:.3f}")
     k = max(1, len(losses) // 10)    # per-batch losses are noisy: compare the means of the first and last tenth
     print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s" +
           (f" (first step {first:.1f} s)" if first is not None else " (all steps were done before --resume)") +
           f"; training loss ({a.loss}), mean of the first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
-    sasq.save(a.out, model, quantizers, cfg, force=a.force,
-              extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib), "loss": a.loss,
-                     "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl})
-    if os.path.exists(state):
-        os.remove(state)
+    if not quiet:                    # rank 0 writes; the scales are identical on every rank
+        sasq.save(a.out, model, quantizers, cfg, force=a.force, fingerprint_=fingerprint,
+                  extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib),
+                         "loss": a.loss, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl})
+        if os.path.exists(state):
+            os.remove(state)
     print(f"scales saved to {a.out}")
-
+    if comm:
+        fsdp.dist.destroy_process_group()
 
 if __name__ == "__main__":
     cli.run(main)
