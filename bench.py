@@ -301,7 +301,7 @@ def sec_train(a, dev, args, results):
     rows = []
     for ckpt in (False, True):
         m.checkpointing = ckpt
-        for b in ((1, 2, 4, 8) if gpu else (1, 2)):
+        for b in (a.batches if gpu else (1, 2)):
             free()
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
@@ -322,8 +322,62 @@ def sec_train(a, dev, args, results):
     if a.profile and gpu:
         best = max((r for r in rows if not r["checkpointing"] and "MFU" in r), key=lambda r: r["MFU"])
         profile_step(m, qs, wins, best["batch"])
-    return table(rows, ["checkpointing", "batch", "s/step", "tokens/s", "MFU", "peak GB", "first step s",
-                        "500 x 8k tokens min"], f"SASQ training step, seq {seq} ({flops / 1e9:.1f} GFLOP/token)")
+    rows = [{"trains": "scales (SASQ)", **r} for r in rows] + qat_weights(m, qs, wins, seq, dev, flops, peak_tflops,
+                                                                                   a.batches if gpu else (1,))
+    return table(rows, ["trains", "checkpointing", "batch", "s/step", "tokens/s", "MFU", "peak GB", "first step s",
+                        "500 x 8k tokens min"], f"Training step, seq {seq} ({flops / 1e9:.1f} GFLOP/token)")
+
+
+def qat_weights(m, qs, wins, seq, dev, flops, peak_tflops, batches):
+    """Ordinary QAT for comparison (LLM-QAT style): the same fake-quant graph, but the decoder weights train
+    too (their gradient flows through the weight rounding's STE), with SGD (no optimizer state) and with
+    Adam (two fp32 states per weight). Same batches, checkpointing on, as the cheapest SASQ rows."""
+    gpu, steps, rows = dev == "cuda", (6 if dev == "cuda" else 3), []
+    weights = [ql.linear.weight for ql in sasq.quant_linears(m)]
+    m.checkpointing = True
+    torch._dynamo.reset()       # the compiled blocks took the weights as constants: trace them again
+    for name, make in (("weights + scales, SGD", lambda p: torch.optim.SGD(p, lr=1e-6)),
+                       ("weights + scales, Adam", lambda p: torch.optim.Adam(p, lr=1e-6))):
+        for b in batches:
+            free()
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            r, opt = {"trains": name, "checkpointing": True, "batch": b}, None
+            try:
+                for w in weights:
+                    w.requires_grad_(True)
+                opt = make(weights + list(qs.parameters()))
+                times = []
+                for i in range(steps):
+                    x = wins[i % len(wins):][:b].to(dev)
+                    t0 = time.perf_counter()
+                    with torch.autocast("cuda", torch.bfloat16, enabled=gpu):
+                        loss = m(x[:, :-1], x[:, 1:])[1]
+                    loss.backward()
+                    if any(w.grad is None for w in weights):
+                        raise RuntimeError("a weight got no gradient: this would not be weight QAT")
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if gpu:
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                step = sum(times[1:]) / (steps - 1)
+                r.update({"s/step": step, "tokens/s": b * seq / step, "MFU": b * seq / step * flops / (peak_tflops * 1e12),
+                          "peak GB": torch.cuda.max_memory_allocated() / 1e9 if gpu else float("nan"),
+                          "first step s": times[0], "500 x 8k tokens min": 500 * 8192 / (b * seq / step) / 60})
+            except torch.OutOfMemoryError:
+                r["s/step"] = "OOM"
+                print(f"{name} batch={b}: out of memory", flush=True)
+            finally:
+                del opt
+                for w in weights:
+                    w.requires_grad_(False)
+                    w.grad = None
+            rows.append(r)
+            if r["s/step"] == "OOM":
+                break
+    m.checkpointing = False
+    return rows
 
 
 def profile_step(m, qs, wins, batch):
@@ -388,12 +442,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (a smoke test of the code)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    p.add_argument("--batches", default="1,2,4,8", help="train section: batch sizes (GPU)")
     p.add_argument("--out", default=None, help="folder for bench-SECTION.json files")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions (fewer for whole-model forwards)")
     p.add_argument("--profile", action="store_true", help="train section: break a step's GPU time down by kernel kind")
     p.add_argument("--tokenizer", default=None, help="a tokenizer.model, for the load section's folder")
     p.add_argument("--load-dir", default=None, help="where the load section writes its checkpoint (default: tmp)")
     a = p.parse_args(argv)
+    a.batches = [int(b) for b in a.batches.split(",")]
     cli.check_args(p, a)
     if not a.tiny and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: error: no CUDA GPU here: the 7B-shape sections need one; --tiny runs them on the CPU\n")

@@ -115,7 +115,7 @@ def folded_state(model, quantizers) -> dict:
         row_div = {"wv": qs["wo"].log_scale.exp(), "w3": qs["w2"].scale()}
         for sub, names, _ in sasq.POINTS.values():
             for n in names:
-                codes, sw = getattr(getattr(layer, sub), n).weight_codes()     # exactly SASQ's codes of W * s
+                codes, sw = getattr(getattr(layer, sub), n).folded_weight()     # exactly SASQ's codes of W * s
                 name = f"{p}{sub}.{n}."
                 if sw is None:      # float weights (wbits=None): the fold alone, W * s with rows / divisor
                     sd[name + "weight"] = codes / torch.as_tensor(row_div.get(n, 1.0))[..., None]

@@ -95,13 +95,13 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.dim // a.n_heads
-        self.wq = nn.Linear(a.dim, a.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(a.dim, a.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(a.dim, a.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(a.n_heads * self.head_dim, a.dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache = None      # (k, v) buffers (B, n_kv_heads, length, head_dim) while decoding
 
     def forward(self, x, cos, sin, pos=0):
@@ -121,11 +121,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(a.dim, a.hidden_dim, bias=False)   # gate
-        self.w3 = nn.Linear(a.dim, a.hidden_dim, bias=False)   # up
-        self.w2 = nn.Linear(a.hidden_dim, a.dim, bias=False)   # down
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)   # gate
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)   # up
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)   # down
         self.w2_in = nn.Identity()     # a run-time map of w2's input: baselines.rotate puts a Hadamard here
 
     def forward(self, x):
@@ -141,10 +141,10 @@ def allow_recompiles():
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.attention_norm, self.ffn_norm = RMSNorm(a.dim, a.norm_eps), RMSNorm(a.dim, a.norm_eps)
-        self.attention, self.feed_forward = Attention(a), FeedForward(a)
+        self.attention_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
+        self.attention, self.feed_forward = Attention(args), FeedForward(args)
 
     def forward(self, x, cos, sin, pos=0):
         h = x + self.attention(self.attention_norm(x), cos, sin, pos)
@@ -152,13 +152,13 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.args = a
-        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
-        self.layers = nn.ModuleList(TransformerBlock(a) for _ in range(a.n_layers))
-        self.norm = RMSNorm(a.dim, a.norm_eps)
-        self.output = None if a.tie_embeddings else nn.Linear(a.dim, a.vocab_size, bias=False)
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.checkpointing = False    # activation checkpointing per block (saves memory in training)
         self.init_rope()
 

@@ -154,7 +154,8 @@ class QuantLinear(nn.Module):
         self.frozen = None             # cached (weight codes, weight scales) once scales are final
         self.bypass = False            # float_model(): the plain float layer
 
-    def weight_codes(self):
+    def folded_weight(self):
+        """(integer codes of W * s, per-row scales); with wbits=None the float W * s and None."""
         if self.frozen is not None:
             return self.frozen
         w = self.linear.weight
@@ -167,7 +168,7 @@ class QuantLinear(nn.Module):
         if self.bypass:
             return self.linear(x)
         q, s = self.act(x)
-        wq, sw = self.weight_codes()
+        wq, sw = self.folded_weight()
         y = F.linear(q.to(wq.dtype), wq)                      # the int8 GEMM (exact in fp32 accumulation)
         if sw is not None:
             y = y * sw.to(y.dtype)
@@ -238,7 +239,7 @@ def freeze(model):
     with torch.no_grad():
         for m in quant_linears(model):
             m.frozen = None
-            m.frozen = m.weight_codes()
+            m.frozen = m.folded_weight()
 
 
 def unfreeze(model):
