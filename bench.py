@@ -105,7 +105,9 @@ def variants(m, calib):
     sasq.freeze(m)
     fake = [getattr(p, n) for p, n in linears(m)]
     out = {"bf16": bf16, "fake-quant": fake, "static int8": [int8.Int8Linear(q) for q in fake],
-           "dynamic int8": [int8.DynamicInt8Linear(q.linear) for q in fake]}
+           "dynamic int8": [int8.DynamicInt8Linear(q.linear) for q in fake], "ffn": [l.feed_forward for l in m.layers]}
+    use(m, out["static int8"])
+    out["fused ffn"] = [int8.FusedFeedForward(layer.feed_forward) for layer in m.layers]
     use(m, bf16)
     return out
 
@@ -196,13 +198,13 @@ def agreement(m, V, x):
     h, cos, sin = m.tok_embeddings(x), m.rope_cos[:x.shape[1]], m.rope_sin[:x.shape[1]]
     logits, layer = {}, {}
     with torch.no_grad():
-        for v in ("bf16", "fake-quant", "static int8"):
-            use(m, V[v])
+        for v in ("bf16", "fake-quant", "static int8", "static fused"):
+            use_variant(m, V, v)
             logits[v] = m(x)[0].float()
             layer[v] = (m.layers[0](h, cos, sin) - h).float()
     rows = [{"compare": f"{b} vs {a_}, {what}", **compare(d[a_], d[b])}
             for what, d in (("logits", logits), ("layer 0 output", layer))
-            for a_, b in (("fake-quant", "static int8"), ("bf16", "fake-quant"))]
+            for a_, b in (("fake-quant", "static int8"), ("bf16", "fake-quant"), ("static int8", "static fused"))]
     return table(rows, ["compare", "max |d| / std", "mean |d| / std", "top-1 agree"],
                  f"INT8 vs fake-quant on {x.shape[1]} random tokens (top-1: argmax over the last dim)")
 
@@ -216,20 +218,32 @@ def memory(m, V):
     return table(rows, ["weights", "linears GB", "whole model GB"], "weight memory")
 
 
+def use_variant(m, V, v):
+    """Put variant v into the model; "static fused" is static INT8 with each FFN swapped for int8.FusedFeedForward."""
+    for layer, ff in zip(m.layers, V["ffn"]):
+        layer.feed_forward = ff
+    use(m, V["static int8" if v == "static fused" else v])
+    for layer, fused in zip(m.layers, V["fused ffn"]):
+        layer.feed_forward = fused if v == "static fused" else layer.feed_forward
+
+
 def speed(a, m, V, inputs, title, **kw):
-    """ms per model call for bf16 / dynamic INT8 / static INT8, one row per input."""
-    main_v, rows = ("bf16", "dynamic int8", "static int8"), []
+    """ms per model call for bf16 / dynamic INT8 / static INT8 / static INT8 with the fused FFN, one row per input."""
+    main_v, rows = ("bf16", "dynamic int8", "static int8", "static fused"), []
     with torch.no_grad():
         for tok in inputs:
             r = {"batch": tok.shape[0], "tokens": tok.numel()}
             for v in main_v:
-                use(m, V[v])
+                use_variant(m, V, v)
                 r[v] = timed(lambda: m(tok, **kw), a.reps if tok.shape[1] == 1 else max(2, a.reps // 5))
             r["static/dyn"], r["static/bf16"] = r["dynamic int8"] / r["static int8"], r["bf16"] / r["static int8"]
-            r["static tokens/s"] = tok.numel() / r["static int8"] * 1e3
+            r["fused/dyn"], r["fused/bf16"] = r["dynamic int8"] / r["static fused"], r["bf16"] / r["static fused"]
+            r["fused tokens/s"] = tok.numel() / r["static fused"] * 1e3
             rows.append(r)
             free()
-    return table(rows, ["batch", "tokens", *main_v, "static/dyn", "static/bf16", "static tokens/s"], title)
+    use_variant(m, V, "bf16")
+    return table(rows, ["batch", "tokens", *main_v, "static/dyn", "static/bf16", "fused/dyn", "fused/bf16",
+                        "fused tokens/s"], title)
 
 
 def sec_infer(a, dev, args, results):
@@ -245,6 +259,8 @@ def sec_infer(a, dev, args, results):
     seq, ctx, batches = (2048, 512, (1, 8, 32, 64)) if gpu else (64, 32, (1, 4))
     out["prefill"] = speed(a, m, V, [torch.randint(args.vocab_size, (b, seq), device=dev) for b in batches[:2]],
                            f"prefill, ms per forward (seq {seq})")
+    if a.no_decode:
+        return out
     m.setup_cache(max(batches), ctx + 1)
     out["decode"] = speed(a, m, V, [torch.randint(args.vocab_size, (b, 1), device=dev) for b in batches],
                           f"decode, ms per step ({ctx} tokens in the KV cache)", pos=ctx)
@@ -443,6 +459,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (a smoke test of the code)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     p.add_argument("--batches", default="1,2,4,8", help="train section: batch sizes (GPU)")
+    p.add_argument("--no-decode", action="store_true", help="infer section: prefill only")
     p.add_argument("--out", default=None, help="folder for bench-SECTION.json files")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions (fewer for whole-model forwards)")
     p.add_argument("--profile", action="store_true", help="train section: break a step's GPU time down by kernel kind")

@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (GPU): fake-quant then "
                    "costs what fp does (bench.py eval); pays off on 7B, not on a 135M model")
     p.add_argument("--int8", action="store_true", help="run SASQ rows through real INT8 GEMMs (int8.py)")
+    p.add_argument("--fused", action="store_true", help="with --int8: the gate/up GEMM writes the w2 input's "
+                   "int8 codes (int8.fuse; static scales without rotation)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--hf", action="append", default=[], help="a Hugging Face folder to evaluate through "
                    "transformers (e.g. export.py's output); repeatable")
@@ -118,6 +120,9 @@ def attach_mode(model, tok, mode, a):
             import int8
             int8.convert(model)
             label += " INT8"
+            if a.fused:
+                int8.fuse(model)
+                label += " fused FFN"
         sasq.freeze(model)
         return model, label, cfg.wbits, cfg.abits
     make, init, label, how = BASELINES[mode]
