@@ -38,18 +38,22 @@ def _torch_mm(q, w, w_scale, row_scale, out_dtype):
 
 if triton is not None:
     @triton.jit
+    def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's (row, column) tile: GROUP_M row-tiles run side by side, so the W tiles they share
+        are still in L2."""
+        pid = tl.program_id(0)
+        grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        group_m = min(grid_m - first_m, GROUP_M)
+        return first_m + (pid % width) % group_m, (pid % width) // group_m
+
+    @triton.jit
     def _int8_mm_kernel(a_ptr, w_ptr, ws_ptr, rs_ptr, c_ptr, M, N, K, ROW_SCALE: tl.constexpr,
                         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """C[m, n] = (sum_k A[m, k] W[n, k]) * ws[n] (* rs[m]). A (M, K), W (N, K) int8, contiguous."""
-        pid = tl.program_id(0)
-        grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        # run GROUP_M row-tiles side by side, so the W tiles they share are still in L2
-        width = GROUP_M * grid_n
-        first_m = (pid // width) * GROUP_M
-        group_m = min(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % group_m
-        pid_n = (pid % width) // group_m
+        pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -136,13 +140,7 @@ if triton is not None:
                         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
         """C[m, n] = int8 codes of silu(A W1.T * ws1) * (A W3.T * ws3) / s2: one A tile feeds both GEMMs."""
-        pid = tl.program_id(0)
-        grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * grid_n
-        first_m = (pid // width) * GROUP_M
-        group_m = min(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % group_m
-        pid_n = (pid % width) // group_m
+        pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
