@@ -140,6 +140,8 @@ def bench(argv=None):
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of one GPU")
     a = p.parse_args(argv)
+    import cli
+    cli.check_args(p, a)
     comm, device = setup("cuda" if torch.cuda.is_available() else "cpu")
     if a.header:
         print("| shape | GPUs | batch per GPU | checkpointing | s/step | tokens/s | MFU | peak GB per GPU |\n|---|---|---|---|---|---|---|---|")
