@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     cli.check_args(p, a)
+    if a.fused and not a.int8:
+        p.exit(2, f"{p.prog}: error: --fused needs --int8 (it fuses the real INT8 FFN)\n")
     if not 0 <= a.alpha <= 1:
         p.exit(2, f"{p.prog}: error: --alpha must be in 0..1, got {a.alpha}\n")
     return a

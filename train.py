@@ -166,7 +166,7 @@ def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device=
     """Adam + cosine decay on the quantizers' parameters only; returns the loss of every step and the
     seconds of the first step (None if none ran: a resumed run that had finished its steps).
     A non-finite loss or scale raises NonFinite (FiniteGuard); SIGINT/SIGTERM raises Stopped after
-    writing `state_path` for --resume. `comm` (fsdp.py): batch_size windows per rank, one global batch.""" 
+    writing `state_path` for --resume. `comm` (fsdp.py): batch_size windows per rank, one global batch."""
     rank, world = (comm.rank, comm.world) if comm else (0, 1)
     params = list(quantizers.parameters())
     opt = torch.optim.Adam(params, lr=lr)
