@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -107,7 +108,9 @@ def variants(m, calib):
     out = {"bf16": bf16, "fake-quant": fake, "static int8": [int8.Int8Linear(q) for q in fake],
            "dynamic int8": [int8.DynamicInt8Linear(q.linear) for q in fake], "ffn": [l.feed_forward for l in m.layers]}
     use(m, out["static int8"])
-    out["fused ffn"] = [int8.FusedFeedForward(layer.feed_forward) for layer in m.layers]
+    out["ffn:static fused"] = [int8.FusedFeedForward(layer.feed_forward) for layer in m.layers]
+    use(m, out["dynamic int8"])
+    out["ffn:dynamic merged"] = [int8.DynamicFeedForward(layer.feed_forward) for layer in m.layers]
     use(m, bf16)
     return out
 
@@ -198,13 +201,14 @@ def agreement(m, V, x):
     h, cos, sin = m.tok_embeddings(x), m.rope_cos[:x.shape[1]], m.rope_sin[:x.shape[1]]
     logits, layer = {}, {}
     with torch.no_grad():
-        for v in ("bf16", "fake-quant", "static int8", "static fused"):
+        for v in ("bf16", "fake-quant", "static int8", "static fused", "dynamic int8", "dynamic merged"):
             use_variant(m, V, v)
             logits[v] = m(x)[0].float()
             layer[v] = (m.layers[0](h, cos, sin) - h).float()
     rows = [{"compare": f"{b} vs {a_}, {what}", **compare(d[a_], d[b])}
             for what, d in (("logits", logits), ("layer 0 output", layer))
-            for a_, b in (("fake-quant", "static int8"), ("bf16", "fake-quant"), ("static int8", "static fused"))]
+            for a_, b in (("fake-quant", "static int8"), ("bf16", "fake-quant"), ("static int8", "static fused"),
+                          ("dynamic int8", "dynamic merged"))]
     return table(rows, ["compare", "max |d| / std", "mean |d| / std", "top-1 agree"],
                  f"INT8 vs fake-quant on {x.shape[1]} random tokens (top-1: argmax over the last dim)")
 
@@ -218,31 +222,39 @@ def memory(m, V):
     return table(rows, ["weights", "linears GB", "whole model GB"], "weight memory")
 
 
+VARIANTS = ("bf16", "dynamic int8", "dynamic merged", "static int8", "static fused")
+FUSED = {"static fused": "static int8", "dynamic merged": "dynamic int8"}     # FFN form -> the linears it is built from
+
+
 def use_variant(m, V, v):
-    """Put variant v into the model; "static fused" is static INT8 with each FFN swapped for int8.FusedFeedForward."""
+    """Put variant v into the model. "static fused": static INT8 with each FFN an int8.FusedFeedForward (the
+    gate/up GEMM writes the w2 input's codes); "dynamic merged": dynamic INT8 with each FFN an
+    int8.DynamicFeedForward (gate and up as one GEMM, as serving engines run the dynamic baseline)."""
     for layer, ff in zip(m.layers, V["ffn"]):
         layer.feed_forward = ff
-    use(m, V["static int8" if v == "static fused" else v])
-    for layer, fused in zip(m.layers, V["fused ffn"]):
-        layer.feed_forward = fused if v == "static fused" else layer.feed_forward
+    use(m, V[FUSED.get(v, v)])
+    for layer, ff in zip(m.layers, V.get("ffn:" + v, [])):
+        layer.feed_forward = ff
 
 
 def speed(a, m, V, inputs, title, **kw):
-    """ms per model call for bf16 / dynamic INT8 / static INT8 / static INT8 with the fused FFN, one row per input."""
-    main_v, rows = ("bf16", "dynamic int8", "static int8", "static fused"), []
+    """ms per model call of each variant (use_variant), one row per input; the ratios compare static INT8
+    with the dynamic variant of the same form (per linear; fused: the best dynamic) and with bf16."""
+    rows = []
     with torch.no_grad():
         for tok in inputs:
             r = {"batch": tok.shape[0], "tokens": tok.numel()}
-            for v in main_v:
+            for v in VARIANTS:
                 use_variant(m, V, v)
                 r[v] = timed(lambda: m(tok, **kw), a.reps if tok.shape[1] == 1 else max(2, a.reps // 5))
             r["static/dyn"], r["static/bf16"] = r["dynamic int8"] / r["static int8"], r["bf16"] / r["static int8"]
-            r["fused/dyn"], r["fused/bf16"] = r["dynamic int8"] / r["static fused"], r["bf16"] / r["static fused"]
+            r["fused/dyn"] = min(r["dynamic int8"], r["dynamic merged"]) / r["static fused"]
+            r["fused/bf16"] = r["bf16"] / r["static fused"]
             r["fused tokens/s"] = tok.numel() / r["static fused"] * 1e3
             rows.append(r)
             free()
     use_variant(m, V, "bf16")
-    return table(rows, ["batch", "tokens", *main_v, "static/dyn", "static/bf16", "fused/dyn", "fused/bf16",
+    return table(rows, ["batch", "tokens", *VARIANTS, "static/dyn", "static/bf16", "fused/dyn", "fused/bf16",
                         "fused tokens/s"], title)
 
 
@@ -257,14 +269,19 @@ def sec_infer(a, dev, args, results):
     if gpu:
         m.compile_blocks()
     seq, ctx, batches = (2048, 512, (1, 8, 32, 64)) if gpu else (64, 32, (1, 4))
-    out["prefill"] = speed(a, m, V, [torch.randint(args.vocab_size, (b, seq), device=dev) for b in batches[:2]],
-                           f"prefill, ms per forward (seq {seq})")
-    if a.no_decode:
-        return out
-    m.setup_cache(max(batches), ctx + 1)
-    out["decode"] = speed(a, m, V, [torch.randint(args.vocab_size, (b, 1), device=dev) for b in batches],
-                          f"decode, ms per step ({ctx} tokens in the KV cache)", pos=ctx)
-    m.setup_cache(0, 0)
+    prefill = [torch.randint(args.vocab_size, (b, seq), device=dev) for b in batches[:2]]
+    out["prefill"] = speed(a, m, V, prefill, f"prefill, ms per forward (seq {seq})")
+    if a.profile:
+        out["profile prefill"] = profile_infer(m, V, prefill)
+    if not a.no_decode:
+        m.setup_cache(max(batches), ctx + 1)
+        decode = [torch.randint(args.vocab_size, (b, 1), device=dev) for b in batches]
+        out["decode"] = speed(a, m, V, decode, f"decode, ms per step ({ctx} tokens in the KV cache)", pos=ctx)
+        if a.profile:
+            out["profile decode"] = profile_infer(m, V, decode[:1], ctx)
+        m.setup_cache(0, 0)
+    if a.profile and gpu:
+        out["codegen"] = codegen(m, V, a.out)
     return out
 
 
@@ -396,23 +413,93 @@ def qat_weights(m, qs, wins, seq, dev, flops, peak_tflops, batches):
     return rows
 
 
+def by_kind(fn, reps):
+    """GPU kernel time of fn() in ms per call, by kernel kind (torch.profiler over `reps` plain calls).
+    On the CPU (--tiny): the ops' self CPU time, grouped the same way (a smoke test)."""
+    from torch.profiler import ProfilerActivity, profile
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+        sync()
+    groups = {}
+    for e in prof.key_averages():
+        t = e.self_device_time_total if gpu else e.self_cpu_time_total
+        k = e.key.lower()
+        kind = ("int8 GEMM (ours)" if "int8_mm" in k else
+                "matmul" if any(w in k for w in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul")) else
+                "attention" if any(w in k for w in ("flash", "fmha", "attention")) else
+                "compiled elementwise" if k.startswith("triton") else "other")
+        groups[kind] = groups.get(kind, 0) + t / 1e3 / reps
+    return groups
+
+
 def profile_step(m, qs, wins, batch):
     """Where the GPU time of training steps goes: kernels grouped by kind."""
     import train
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        train.train_scales(m, qs, wins, 3, batch, lr=1e-3, device="cuda", progress=False)
-    groups = {}
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        k = e.key.lower()
-        kind = ("matmul" if any(w in k for w in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul")) else
-                "attention" if any(w in k for w in ("flash", "fmha", "attention")) else
-                "fused elementwise (triton)" if k.startswith("triton") else "other")
-        groups[kind] = groups.get(kind, 0) + t
+    groups = by_kind(lambda: train.train_scales(m, qs, wins, 1, batch, lr=1e-3, device="cuda", progress=False), 3)
     total = sum(groups.values())
-    return table([{"kernels": k, "ms per step": v / 3e3, "share": v / total} for k, v in sorted(groups.items(), key=lambda kv: -kv[1])],
+    return table([{"kernels": k, "ms per step": v, "share": v / total} for k, v in sorted(groups.items(), key=lambda kv: -kv[1])],
                  ["kernels", "ms per step", "share"], f"GPU time of a training step, batch {batch}, no checkpointing")
+
+
+def profile_infer(m, V, inputs, ctx=None):
+    """Where the GPU time goes, per variant: at prefill one decoder block's (GEMMs vs the hand-offs between
+    them: quantization, norms, SwiGLU, RoPE, residuals), at decode (ctx: KV-cache length) a whole step's.
+    Kernel time only: a decode step's kernel sum against its CUDA-graph time shows the gaps between kernels."""
+    cols, rows = ["int8 GEMM (ours)", "matmul", "attention", "compiled elementwise", "other"], []
+    with torch.no_grad():
+        for tok in inputs:
+            h = m.tok_embeddings(tok)
+            cos, sin = m.rope_cos[:tok.shape[1]], m.rope_sin[:tok.shape[1]]
+            for v in VARIANTS:
+                use_variant(m, V, v)
+                g = by_kind((lambda: m.layers[0](h, cos, sin, 0)) if ctx is None else (lambda: m(tok, pos=ctx)), 5)
+                rows.append({"batch": tok.shape[0], "variant": v, **{c: g.get(c, 0.0) for c in cols},
+                             "kernels ms": sum(g.values()), "hand-off share": g.get(cols[3], 0.0) / sum(g.values())})
+    use_variant(m, V, "bf16")
+    what = f"one decoder block at prefill (seq {inputs[0].shape[1]})" if ctx is None else "a whole decode step"
+    return table(rows, ["batch", "variant", *cols, "kernels ms", "hand-off share"],
+                 f"GPU kernel time of {what} by kind, ms (int8 GEMM (ours) includes the fused gate/up GEMM)")
+
+
+# a kernel inductor generates: name = async_compile.triton('name', '''source''' (GPU) or .cpp_pybinding([...], r'''...
+KERNEL = re.compile(r"^(\w+) = async_compile\.\w+\(.*?'''(.*?)'''", re.S | re.M)
+WRITES_INT8 = re.compile(r"\.to\(tl\.int8\)|(?<!const )\bint8_t\* out_ptr")       # Triton cast, C++ output
+
+
+def kernels(code):
+    """(name, computes an RMSNorm (a square root), writes int8) for each kernel in inductor's generated code."""
+    return [(name, "sqrt" in body, bool(WRITES_INT8.search(body))) for name, body in KERNEL.findall(code)]
+
+
+def codegen(m, V, out_dir=None, seq=256, which=VARIANTS[1:]):
+    """What torch.compile generates for one decoder block: how many kernels, which compute the RMSNorm and
+    which write int8 codes. With static scales the norm kernel itself should write the codes (the scale is
+    folded into the division that follows the norm, no reduction needed). Code goes to out_dir/codegen-*.py."""
+    from torch._inductor.utils import run_and_get_code
+    layer, rows = m.layers[0], []
+    h = torch.randn(1, seq, m.args.dim, device=m.rope_cos.device, dtype=torch.bfloat16)
+    for v in which:
+        use_variant(m, V, v)
+        torch._dynamo.reset()
+        with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+            code = "\n".join(run_and_get_code(torch.compile(layer.forward), h, m.rope_cos[:seq], m.rope_sin[:seq])[1])
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, f"codegen-{v.replace(' ', '-')}.py"), "w") as f:
+                f.write(code)
+        ks = kernels(code)
+        rows.append({"variant": v, "kernels": len(ks), "norm kernels": sum(n for _, n, _ in ks),
+                     "norm kernels writing int8": sum(n and i for _, n, i in ks), "kernels writing int8": sum(i for *_, i in ks)})
+        print(f"{v}: " + ", ".join(name for name, *_ in ks))
+    torch._dynamo.reset()
+    use_variant(m, V, "bf16")
+    return table(rows, ["variant", "kernels", "norm kernels", "norm kernels writing int8", "kernels writing int8"],
+                 "kernels torch.compile generates for one decoder block (ours not counted)")
 
 
 def write_hf(m, args, folder, tokenizer):
@@ -462,7 +549,8 @@ def main(argv=None):
     p.add_argument("--no-decode", action="store_true", help="infer section: prefill only")
     p.add_argument("--out", default=None, help="folder for bench-SECTION.json files")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions (fewer for whole-model forwards)")
-    p.add_argument("--profile", action="store_true", help="train section: break a step's GPU time down by kernel kind")
+    p.add_argument("--profile", action="store_true", help="GPU time by kernel kind (GEMMs vs hand-offs): infer (one "
+                   "block at prefill, a decode step; plus the kernels compile generates) and train (one step)")
     p.add_argument("--tokenizer", default=None, help="a tokenizer.model, for the load section's folder")
     p.add_argument("--load-dir", default=None, help="where the load section writes its checkpoint (default: tmp)")
     a = p.parse_args(argv)

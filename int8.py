@@ -49,10 +49,12 @@ if triton is not None:
         return first_m + (pid % width) % group_m, (pid % width) // group_m
 
     @triton.jit
-    def _int8_mm_kernel(a_ptr, w_ptr, ws_ptr, rs_ptr, c_ptr, M, N, K, ROW_SCALE: tl.constexpr,
-                        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _int8_mm_kernel(a_ptr, w_ptr, ws_ptr, rs_ptr, c_ptr, M, N, K, ROW_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+                        BF16: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        """C[m, n] = (sum_k A[m, k] W[n, k]) * ws[n] (* rs[m]). A (M, K), W (N, K) int8, contiguous."""
+        """C[m, n] = (sum_k A[m, k] W[n, k]) * ws[n] (* rs[m]). A (M, K), W (N, K) int8, contiguous.
+        SWIGLU: W's rows interleave w1 and w3 (gate 0, up 0, gate 1, ...), rs is the w2 input's static
+        scale, and C (M, N / 2) gets the int8 codes of silu(gate) * up / rs (see the fused FFN below)."""
         pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,10 +73,13 @@ if triton is not None:
             w += BLOCK_K
         # epilogue: int32 -> float, per-column weight scale (and per-row token scale), cast, store
         out = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0.0)[None, :]
-        if ROW_SCALE:
-            out = out * tl.load(rs_ptr + rm, mask=rm < M, other=0.0)[:, None]
-        mask = (rm < M)[:, None] & (rn < N)[None, :]
-        tl.store(c_ptr + rm[:, None] * N + rn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+        if SWIGLU:
+            _swiglu_quantize(out, rm, pid_n, rs_ptr, c_ptr, M, N // 2, BF16, BLOCK_M, BLOCK_N // 2)
+        else:
+            if ROW_SCALE:
+                out = out * tl.load(rs_ptr + rm, mask=rm < M, other=0.0)[:, None]
+            mask = (rm < M)[:, None] & (rn < N)[None, :]
+            tl.store(c_ptr + rm[:, None] * N + rn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
 
     def _prune(configs, named_args, **kwargs):
         """Small BLOCK_M for decode-sized M, large for prefill: fewer configs to time."""
@@ -99,7 +104,8 @@ def triton_mm(q, w, w_scale, row_scale=None, out_dtype=torch.bfloat16, config=No
     rs = row_scale if row_scale is not None else w_scale                   # a dummy pointer when unused
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     kernel = _int8_mm_tuned if config is None else _int8_mm
-    kernel[grid](q, w, w_scale, rs, out, m, n, k, ROW_SCALE=row_scale is not None, **(config or {}))
+    kernel[grid](q, w, w_scale, rs, out, m, n, k, ROW_SCALE=row_scale is not None, SWIGLU=False, BF16=False,
+                 **(config or {}))
     return out
 
 
@@ -121,50 +127,36 @@ def _(q, w, w_scale, row_scale, out_dtype):
 # --------------------------------------------------------------------------- the fused gate/up GEMM (static only)
 
 # The w2 input is h = silu(w1 x) * (w3 x). With a static scale s2 the gate/up GEMM can finish the job in its
-# epilogue: scale both int32 tiles, SwiGLU, divide by s2, round, and write int8 codes that the w2 GEMM reads.
+# epilogue: scale the int32 sums, SwiGLU, divide by s2, round, and write int8 codes that the w2 GEMM reads.
 # A per-token scale cannot be applied there: it needs the max over a whole 11008-wide row, which spans
 # dozens of output tiles, so the dynamic path writes h in bf16, reduces and quantizes it in another pass.
+# w1 and w3 run as one GEMM over a weight whose rows interleave them (gate j, up j): each output tile then
+# holds matching gate and up columns side by side, one accumulator, the plain GEMM's main loop.
 # The epilogue rounds to the model dtype where the unfused model does (w1 x, w3 x, silu, the product), so
 # both paths compute the same codes up to the exp of silu.
 
-def _torch_gate_up(q, w1, w3, ws1, ws3, s2, dtype):
+def interleave(a, b):
+    """Rows (or elements) a0, b0, a1, b1, ...: the layout of the fused gate/up weight and scales."""
+    return torch.stack([a, b], 1).flatten(0, 1)
+
+
+def _torch_gate_up(q, w13, ws13, s2, dtype):
     """The same arithmetic in PyTorch (CPU, and the reference of the tests)."""
-    g, u = _torch_mm(q, w1, ws1, None, dtype).float(), _torch_mm(q, w3, ws3, None, dtype).float()
+    gu = _torch_mm(q, w13, ws13, None, dtype).float()
+    g, u = gu[:, 0::2], gu[:, 1::2]
     h = (F.silu(g).to(dtype).float() * u).to(dtype).float()
     return sasq.quantize(h, s2, 8).to(torch.int8)
 
 
 if triton is not None:
     @triton.jit
-    def _gate_up_kernel(a_ptr, w1_ptr, w3_ptr, ws1_ptr, ws3_ptr, s2_ptr, c_ptr, M, N, K, BF16: tl.constexpr,
-                        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr):
-        """C[m, n] = int8 codes of silu(A W1.T * ws1) * (A W3.T * ws3) / s2: one A tile feeds both GEMMs."""
-        pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _swiglu_quantize(out, rm, pid_n, s2_ptr, c_ptr, M, N, BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        """Epilogue of the gate/up GEMM: `out` (BLOCK_M, 2 BLOCK_N) holds gate/up column pairs; store the
+        int8 codes of silu(gate) * up / s2 into C (M, N), rounded as the model does."""
+        g, u = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N, 2)))
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        a = a_ptr + (rm % M)[:, None] * K + rk[None, :]
-        w1 = w1_ptr + (rn % N)[None, :] * K + rk[:, None]
-        w3 = w3_ptr + (rn % N)[None, :] * K + rk[:, None]
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                x, y1, y3 = tl.load(a), tl.load(w1), tl.load(w3)
-            else:
-                x = tl.load(a, mask=rk[None, :] < K - k * BLOCK_K, other=0)
-                y1 = tl.load(w1, mask=rk[:, None] < K - k * BLOCK_K, other=0)
-                y3 = tl.load(w3, mask=rk[:, None] < K - k * BLOCK_K, other=0)
-            acc1 = tl.dot(x, y1, acc1, out_dtype=tl.int32)
-            acc3 = tl.dot(x, y3, acc3, out_dtype=tl.int32)
-            a += BLOCK_K
-            w1 += BLOCK_K
-            w3 += BLOCK_K
-        # epilogue: scales, SwiGLU and the static quantization of the w2 input, rounded as the model does
         cn = rn < N
-        g = acc1.to(tl.float32) * tl.load(ws1_ptr + rn, mask=cn, other=0.0)[None, :]
-        u = acc3.to(tl.float32) * tl.load(ws3_ptr + rn, mask=cn, other=0.0)[None, :]
         if BF16:
             g, u = g.to(tl.bfloat16).to(tl.float32), u.to(tl.bfloat16).to(tl.float32)
         act = g / (1.0 + tl.exp(-g))
@@ -177,39 +169,32 @@ if triton is not None:
         r = tl.floor(v + 0.5)                                   # round half to even, as torch.round
         r = tl.where((r - v == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
         r = tl.minimum(tl.maximum(r, -128.0), 127.0)
-        mask = (rm < M)[:, None] & cn[None, :]
-        tl.store(c_ptr + rm[:, None] * N + rn[None, :], r.to(tl.int8), mask=mask)
-
-    _FUSED_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-                      for bm, bn, bk, s, w in [(128, 128, 128, 3, 8), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4),
-                                               (128, 128, 64, 4, 8), (16, 64, 256, 4, 4), (32, 64, 256, 4, 4)]]
-    _gate_up = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_gate_up_kernel)
-    _gate_up_tuned = triton.autotune(_FUSED_CONFIGS, key=["M", "N", "K"],
-                                     prune_configs_by={"early_config_prune": _prune})(_gate_up)
+        tl.store(c_ptr + rm[:, None] * N + rn[None, :], r.to(tl.int8), mask=(rm < M)[:, None] & cn[None, :])
 
 
-def triton_gate_up(q, w1, w3, ws1, ws3, s2, dtype=torch.bfloat16, config=None):
-    (m, k), n = q.shape, w1.shape[0]
-    assert q.is_contiguous() and w1.is_contiguous() and w3.is_contiguous() and max(m, n) * k < 2 ** 31
-    out = torch.empty(m, n, device=q.device, dtype=torch.int8)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    kernel = _gate_up_tuned if config is None else _gate_up
-    kernel[grid](q, w1, w3, ws1, ws3, s2, out, m, n, k, BF16=dtype == torch.bfloat16, **(config or {}))
+def triton_gate_up(q, w13, ws13, s2, dtype=torch.bfloat16, config=None):
+    """Our GEMM with the SwiGLU + static-quantize epilogue: (M, K) codes, (2N, K) interleaved -> (M, N) int8."""
+    (m, k), n2 = q.shape, w13.shape[0]
+    assert q.is_contiguous() and w13.is_contiguous() and max(m, n2) * k < 2 ** 31 and m * n2 < 2 ** 31
+    out = torch.empty(m, n2 // 2, device=q.device, dtype=torch.int8)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n2, meta["BLOCK_N"]),)
+    kernel = _int8_mm_tuned if config is None else _int8_mm
+    kernel[grid](q, w13, ws13, s2, out, m, n2, k, ROW_SCALE=False, SWIGLU=True, BF16=dtype == torch.bfloat16,
+                 **(config or {}))
     return out
 
 
 @torch.library.custom_op("sasq::int8_gate_up", mutates_args=())
-def gate_up(q: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, ws1: torch.Tensor, ws3: torch.Tensor,
-            s2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def gate_up(q: torch.Tensor, w13: torch.Tensor, ws13: torch.Tensor, s2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(M, K) int8 codes of the FFN input -> (M, N) int8 codes of the w2 input, static scale s2 (N,)."""
     if q.is_cuda and BACKEND == "triton":
-        return triton_gate_up(q.contiguous(), w1, w3, ws1, ws3, s2, dtype)
-    return _torch_gate_up(q, w1, w3, ws1, ws3, s2, dtype)
+        return triton_gate_up(q.contiguous(), w13, ws13, s2, dtype)
+    return _torch_gate_up(q, w13, ws13, s2, dtype)
 
 
 @gate_up.register_fake
-def _(q, w1, w3, ws1, ws3, s2, dtype):
-    return q.new_empty(q.shape[0], w1.shape[0], dtype=torch.int8)
+def _(q, w13, ws13, s2, dtype):
+    return q.new_empty(q.shape[0], w13.shape[0] // 2, dtype=torch.int8)
 
 
 class FusedFeedForward(nn.Module):
@@ -222,27 +207,31 @@ class FusedFeedForward(nn.Module):
         if not all(isinstance(m, Int8Linear) for m in (w1, w3, w2)) or not isinstance(ff.w2_in, nn.Identity) \
                 or w2.c is not None:
             raise ValueError("fusing needs static INT8 w1/w3/w2 (int8.convert) and no online rotation")
-        self.source, self.w1, self.w3, self.w2 = (ff,), w1, w3, w2
+        self.source, self.w1, self.w2 = (ff,), w1, w2        # w1 for its input quantization, w2 as it is
+        self.register_buffer("w13", interleave(w1.weight, w3.weight))
+        self.register_buffer("ws13", interleave(w1.w_scale, w3.w_scale))
 
     def forward(self, x):
         xf = x.float().reshape(-1, x.shape[-1])
         if self.w1.c is not None:
             xf = sasq.soft_clip(xf, self.w1.c)
         q = sasq.quantize(xf, self.w1.a_scale, 8).to(torch.int8)
-        h = gate_up(q, self.w1.weight, self.w3.weight, self.w1.w_scale, self.w3.w_scale, self.w2.a_scale, x.dtype)
+        h = gate_up(q, self.w13, self.ws13, self.w2.a_scale, x.dtype)
         return mm(h, self.w2.weight, self.w2.w_scale, None, x.dtype).unflatten(0, x.shape[:-1])
 
 
 def fuse(model):
-    """Swap each layer's (converted) FeedForward for a FusedFeedForward."""
+    """Swap each layer's converted FeedForward for its fused form: FusedFeedForward (static INT8) or
+    DynamicFeedForward (dynamic INT8, the merged gate/up GEMM)."""
     for layer in model.layers:
-        layer.feed_forward = FusedFeedForward(layer.feed_forward)
+        ff = layer.feed_forward
+        layer.feed_forward = (DynamicFeedForward if isinstance(ff.w1, DynamicInt8Linear) else FusedFeedForward)(ff)
     return model
 
 
 def unfuse(model):
     for layer in model.layers:
-        if isinstance(layer.feed_forward, FusedFeedForward):
+        if isinstance(layer.feed_forward, (FusedFeedForward, DynamicFeedForward)):
             layer.feed_forward = layer.feed_forward.source[0]
     return model
 
@@ -294,6 +283,26 @@ class DynamicInt8Linear(nn.Module):
         s = sasq.token_scale(xf, 8)                                             # (tokens, 1): a reduction per token
         q = sasq.quantize(xf, s, 8).to(torch.int8)
         return mm(q, self.weight, self.w_scale, s[:, 0], x.dtype).unflatten(0, x.shape[:-1])
+
+
+class DynamicFeedForward(nn.Module):
+    """The dynamic baseline's FFN as serving engines run it: w1 and w3 as one GEMM (x quantized once, one
+    launch), then SwiGLU and the per-token absmax and quantization of its output in one compiled pass, then w2.
+    Built from a FeedForward of DynamicInt8Linears (convert_dynamic())."""
+
+    def __init__(self, ff):
+        super().__init__()
+        if not all(isinstance(m, DynamicInt8Linear) for m in (ff.w1, ff.w3, ff.w2)):
+            raise ValueError("needs dynamic INT8 w1/w3/w2 (int8.convert_dynamic)")
+        self.source, self.w2, self.w2_in = (ff,), ff.w2, ff.w2_in
+        self.register_buffer("w13", torch.cat([ff.w1.weight, ff.w3.weight]))
+        self.register_buffer("ws13", torch.cat([ff.w1.w_scale, ff.w3.w_scale]))
+
+    def forward(self, x):
+        xf = x.float().reshape(-1, x.shape[-1])
+        s = sasq.token_scale(xf, 8)
+        g, u = mm(sasq.quantize(xf, s, 8).to(torch.int8), self.w13, self.ws13, s[:, 0], x.dtype).chunk(2, -1)
+        return self.w2(self.w2_in(F.silu(g) * u)).unflatten(0, x.shape[:-1])
 
 
 def _swap(model, fn):
