@@ -88,7 +88,8 @@ if triton is not None:
         return keep or configs
 
     _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-                for bm, bn, bk, s, w in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
+                for bm, bn, bk, s, w in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 128, 4, 8),
+                                         (256, 128, 128, 4, 8), (128, 256, 64, 5, 8), (128, 128, 128, 4, 8),
                                          (128, 128, 128, 4, 4), (16, 32, 256, 5, 4), (16, 64, 256, 4, 4),
                                          (32, 64, 256, 4, 4), (64, 128, 128, 4, 4)]]
     _int8_mm = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int8_mm_kernel)
