@@ -413,9 +413,19 @@ def qat_weights(m, qs, wins, seq, dev, flops, peak_tflops, batches):
     return rows
 
 
-def by_kind(fn, reps):
-    """GPU kernel time of fn() in ms per call, by kernel kind (torch.profiler over `reps` plain calls).
-    On the CPU (--tiny): the ops' self CPU time, grouped the same way (a smoke test)."""
+def kind(name):
+    """The kind of a GPU kernel, by name. Inductor's kernels first: their names list the ops they feed
+    ("..._int8_mm_..._silu", "..._scaled_dot_product_cudnn_attention_...")."""
+    k = name.lower()
+    return ("compiled elementwise" if k.startswith(("triton_", "cpp_fused")) else
+            "int8 GEMM (ours)" if "int8_mm" in k or "int8_gate_up" in k else
+            "attention" if any(w in k for w in ("flash", "fmha", "attention", "sdpa")) else
+            "matmul" if any(w in k for w in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "aten::mm")) else "other")
+
+
+def by_kind(fn, reps, top=0):
+    """GPU kernel time of fn() in ms per call, by kernel kind (torch.profiler over `reps` plain calls), and
+    the `top` longest kernels. On the CPU (--tiny): the ops' self CPU time, grouped the same way (a smoke test)."""
     from torch.profiler import ProfilerActivity, profile
     gpu = torch.cuda.is_available()
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -425,15 +435,12 @@ def by_kind(fn, reps):
         for _ in range(reps):
             fn()
         sync()
+    times = {e.key: (e.self_device_time_total if gpu else e.self_cpu_time_total) / 1e3 / reps for e in prof.key_averages()}
     groups = {}
-    for e in prof.key_averages():
-        t = e.self_device_time_total if gpu else e.self_cpu_time_total
-        k = e.key.lower()
-        kind = ("int8 GEMM (ours)" if "int8_mm" in k else
-                "matmul" if any(w in k for w in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul")) else
-                "attention" if any(w in k for w in ("flash", "fmha", "attention")) else
-                "compiled elementwise" if k.startswith("triton") else "other")
-        groups[kind] = groups.get(kind, 0) + t / 1e3 / reps
+    for name, t in times.items():
+        groups[kind(name)] = groups.get(kind(name), 0) + t
+    for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {t:8.4f} ms  {kind(name):21s} {name[:110]}")
     return groups
 
 
@@ -457,7 +464,8 @@ def profile_infer(m, V, inputs, ctx=None):
             cos, sin = m.rope_cos[:tok.shape[1]], m.rope_sin[:tok.shape[1]]
             for v in VARIANTS:
                 use_variant(m, V, v)
-                g = by_kind((lambda: m.layers[0](h, cos, sin, 0)) if ctx is None else (lambda: m(tok, pos=ctx)), 5)
+                print(f"  batch {tok.shape[0]}, {v}: longest kernels")
+                g = by_kind((lambda: m.layers[0](h, cos, sin, 0)) if ctx is None else (lambda: m(tok, pos=ctx)), 5, 6)
                 rows.append({"batch": tok.shape[0], "variant": v, **{c: g.get(c, 0.0) for c in cols},
                              "kernels ms": sum(g.values()), "hand-off share": g.get(cols[3], 0.0) / sum(g.values())})
     use_variant(m, V, "bf16")

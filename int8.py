@@ -91,7 +91,8 @@ if triton is not None:
                 for bm, bn, bk, s, w in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 128, 4, 8),
                                          (256, 128, 128, 4, 8), (128, 256, 64, 5, 8), (128, 128, 128, 4, 8),
                                          (128, 128, 128, 4, 4), (16, 32, 256, 5, 4), (16, 64, 256, 4, 4),
-                                         (32, 64, 256, 4, 4), (64, 128, 128, 4, 4)]]
+                                         (32, 64, 256, 4, 4), (64, 128, 128, 4, 4), (16, 16, 512, 4, 2),
+                                         (16, 32, 512, 4, 4), (16, 16, 256, 8, 2)]]
     _int8_mm = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int8_mm_kernel)
     _int8_mm_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K"],
                                      prune_configs_by={"early_config_prune": _prune})(_int8_mm)
