@@ -105,7 +105,8 @@ def variants(m, calib):
     sasq.calibrate(m, qs, calib, method="max", progress=False)
     sasq.freeze(m)
     fake = [getattr(p, n) for p, n in linears(m)]
-    out = {"bf16": bf16, "fake-quant": fake, "static int8": [int8.Int8Linear(q) for q in fake],
+    shared = {}
+    out = {"bf16": bf16, "fake-quant": fake, "static int8": [int8.Int8Linear(q, shared=shared) for q in fake],
            "dynamic int8": [int8.DynamicInt8Linear(q.linear) for q in fake], "ffn": [l.feed_forward for l in m.layers]}
     use(m, out["static int8"])
     out["ffn:static fused"] = [int8.FusedFeedForward(layer.feed_forward) for layer in m.layers]

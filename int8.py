@@ -94,7 +94,7 @@ if triton is not None:
                                          (32, 64, 256, 4, 4), (64, 128, 128, 4, 4), (16, 16, 512, 4, 2),
                                          (16, 32, 512, 4, 4), (16, 16, 256, 8, 2)]]
     _int8_mm = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int8_mm_kernel)
-    _int8_mm_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K"],
+    _int8_mm_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K", "ROW_SCALE", "SWIGLU"],
                                      prune_configs_by={"early_config_prune": _prune})(_int8_mm)
 
 
@@ -243,7 +243,9 @@ def unfuse(model):
 class Int8Linear(nn.Module):
     """y = (int8(trunc(x) / s) @ int8(W * s).T) * w_scale: static scales, no run-time statistics."""
 
-    def __init__(self, ql: sasq.QuantLinear, keep_float=True):
+    def __init__(self, ql: sasq.QuantLinear, keep_float=True, shared=None):
+        """shared: a dict that the linears of one model share, so that those reading one input (q/k/v, gate/up)
+        hold the same a_scale and c tensors: torch.compile then quantizes that input once, not once per linear."""
         super().__init__()
         act = ql.act
         if act.mode != "static" or act.bits != 8 or ql.wbits != 8:
@@ -255,9 +257,12 @@ class Int8Linear(nn.Module):
             wq, sw = sasq.quantize_weight(ql.linear.weight.float() * s, 8)
             self.register_buffer("weight", wq.to(torch.int8).contiguous())       # (out, in) codes of W * s
             self.register_buffer("w_scale", sw.float())                          # (out,)
-            self.register_buffer("a_scale", s.expand(ql.linear.in_features).contiguous())
-            c = act.log_c.exp().float() if act.log_c is not None else None
-            self.register_buffer("c", c)
+            shared = {} if shared is None else shared
+            if act not in shared:
+                shared[act] = (s.expand(ql.linear.in_features).contiguous(),
+                               act.log_c.exp().float() if act.log_c is not None else None)
+            self.register_buffer("a_scale", shared[act][0])
+            self.register_buffer("c", shared[act][1])
         # the fake-quant layer, for revert(); a tuple keeps it out of .modules(). Without it the
         # float weight can be freed: the converted model then holds int8 weights only.
         self.source = (ql,) if keep_float else None
@@ -321,7 +326,8 @@ def _swap(model, fn):
 
 def convert(model, keep_float=True):
     """Swap every static W8A8 QuantLinear (from sasq.attach / sasq.load) for a real Int8Linear."""
-    n = _swap(model, lambda m: Int8Linear(m, keep_float) if isinstance(m, sasq.QuantLinear) else None)
+    shared = {}
+    n = _swap(model, lambda m: Int8Linear(m, keep_float, shared) if isinstance(m, sasq.QuantLinear) else None)
     if n == 0:
         raise ValueError("no quantized linears to convert: load SASQ scales first")
     return model
