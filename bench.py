@@ -186,7 +186,25 @@ def sec_linear(a, dev, args, results):
             rows.append(r)
     int8.BACKEND = backends[-1]
     cols = ["tokens", "layer", "bf16"] + [f"{v} {b}" for b in backends for v in ("dynamic", "static")]
-    return table(rows, cols + ["static/dyn", "static/bf16"], "one linear, ms per call (speed-ups use " + backends[-1] + ")")
+    table(rows, cols + ["static/dyn", "static/bf16"], "one linear, ms per call (speed-ups use " + backends[-1] + ")")
+    return rows + gate_up(a, dev, shapes["up"], tokens[-2:])
+
+
+def gate_up(a, dev, shape, tokens):
+    """The gate/up GEMM alone, ms per call: w1 and w3 as two GEMMs (bf16 out), as one merged GEMM (bf16 out),
+    and fused with the SwiGLU + static-quantization epilogue (int8 out): what the epilogue costs."""
+    (k, n), ops = shape, {}
+    w13 = torch.randint(-127, 128, (2 * n, k), device=dev, dtype=torch.int8)
+    ws13, s2 = torch.rand(2 * n, device=dev) * 1e-4, torch.rand(n, device=dev) + 0.5
+    rows = []
+    for m in tokens:
+        q = torch.randint(-128, 128, (m, k), device=dev, dtype=torch.int8)
+        ops = {"w1 + w3": lambda: (int8.mm(q, w13[:n], ws13[:n], None, torch.bfloat16),
+                                   int8.mm(q, w13[n:], ws13[n:], None, torch.bfloat16)),
+               "merged": lambda: int8.mm(q, w13, ws13, None, torch.bfloat16),
+               "fused SwiGLU + quantize": lambda: int8.gate_up(q, w13, ws13, s2, torch.bfloat16)}
+        rows.append({"tokens": m, "layer": f"gate/up {k}->2x{n}", **{name: timed(f, a.reps) for name, f in ops.items()}})
+    return table(rows, ["tokens", "layer", *ops], "the gate/up GEMM, ms per call")
 
 
 def compare(ref, out):

@@ -167,10 +167,8 @@ if triton is not None:
         h = act * u
         if BF16:
             h = h.to(tl.bfloat16).to(tl.float32)
-        v = h / tl.load(s2_ptr + rn, mask=cn, other=1.0)[None, :]
-        r = tl.floor(v + 0.5)                                   # round half to even, as torch.round
-        r = tl.where((r - v == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
-        r = tl.minimum(tl.maximum(r, -128.0), 127.0)
+        v = tl.minimum(tl.maximum(h / tl.load(s2_ptr + rn, mask=cn, other=1.0)[None, :], -128.0), 127.0)
+        r = (v + 12582912.0) - 12582912.0        # round half to even as torch.round: 1.5 * 2^23 leaves no fraction bits
         tl.store(c_ptr + rm[:, None] * N + rn[None, :], r.to(tl.int8), mask=(rm < M)[:, None] & cn[None, :])
 
 
