@@ -187,7 +187,7 @@ def sec_linear(a, dev, args, results):
     int8.BACKEND = backends[-1]
     cols = ["tokens", "layer", "bf16"] + [f"{v} {b}" for b in backends for v in ("dynamic", "static")]
     table(rows, cols + ["static/dyn", "static/bf16"], "one linear, ms per call (speed-ups use " + backends[-1] + ")")
-    return rows + gate_up(a, dev, shapes["up"], tokens[-2:])
+    return rows + gate_up(a, dev, list(shapes.values())[1], tokens[-2:])       # w1/w3's shape
 
 
 def gate_up(a, dev, shape, tokens):
