@@ -506,7 +506,7 @@ def kernels(code):
 def codegen(m, V, out_dir=None, seq=256, which=VARIANTS[1:]):
     """What torch.compile generates for one decoder block: how many kernels, which compute the RMSNorm and
     which write int8 codes. With static scales the norm kernel itself should write the codes (the scale is
-    folded into the division that follows the norm, no reduction needed). Code goes to out_dir/codegen-*.py."""
+    folded into the division that follows the norm, no reduction needed). Code goes to out_dir/codegen-*.txt."""
     from torch._inductor.utils import run_and_get_code
     layer, rows = m.layers[0], []
     h = torch.randn(1, seq, m.args.dim, device=m.rope_cos.device, dtype=torch.bfloat16)
@@ -517,7 +517,7 @@ def codegen(m, V, out_dir=None, seq=256, which=VARIANTS[1:]):
             code = "\n".join(run_and_get_code(torch.compile(layer.forward), h, m.rope_cos[:seq], m.rope_sin[:seq])[1])
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, f"codegen-{v.replace(' ', '-')}.py"), "w") as f:
+            with open(os.path.join(out_dir, f"codegen-{v.replace(' ', '-')}.txt"), "w") as f:
                 f.write(code)
         ks = kernels(code)
         rows.append({"variant": v, "kernels": len(ks), "norm kernels": sum(n for _, n, _ in ks),

@@ -199,4 +199,4 @@ def test_compiled_rmsnorm_writes_the_int8_codes(tmp_path):
     V = bench.variants(m, torch.randint(128, (2, 32)))
     row, = bench.codegen(m, V, str(tmp_path), seq=16, which=("static int8",))
     assert row["norm kernels"] == 2 and row["norm kernels writing int8"] == 2      # attention norm, FFN norm
-    assert (tmp_path / "codegen-static-int8.py").exists()
+    assert (tmp_path / "codegen-static-int8.txt").exists()
