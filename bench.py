@@ -7,9 +7,13 @@
 Sections (each prints a table; --out gets bench-SECTION.json):
   peak    bf16 and int8 matmul throughput at 8192^3: the reference for MFU
   linear  one linear of each 7B shape, bf16 vs dynamic per-token INT8 vs static INT8, with the
-          torch._int_mm back end and with our Triton kernel (int8.py), decode and prefill token counts
+          torch._int_mm back end and with our Triton kernel (int8.py), decode and prefill token counts;
+          the gate/up GEMM alone: two GEMMs, merged, fused with the SwiGLU + quantize epilogue
   infer   the whole model: INT8 vs fake-quant logits; prefill (seq 2048, batch 1 and 8) and one
-          decode step (batch 1..64, 512 tokens in the KV cache); weight memory
+          decode step (batch 1..64, 512 tokens in the KV cache); weight memory. Variants: bf16, dynamic
+          INT8 (per linear, and with gate/up merged as engines run it), static INT8, static INT8 with
+          the fused FFN (int8.FusedFeedForward). --profile: kernel time by kind (GEMMs vs hand-offs)
+          and the kernels torch.compile generates for one block
   eval    a WikiText-2-sized evaluation forward: fp vs fake-quant static W8A8, eager and compiled
   train   SASQ training (train.train_scales itself) at seq 2048, batch 1..8, with and without
           activation checkpointing: tokens/s, peak memory, MFU against the measured bf16 peak

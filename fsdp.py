@@ -144,7 +144,7 @@ def bench(argv=None):
     cli.check_args(p, a)
     comm, device = setup("cuda" if torch.cuda.is_available() else "cpu")
     if a.header:
-        print("| shape | GPUs | batch per GPU | checkpointing | s/step | tokens/s | MFU | peak GB per GPU |\n|---|---|---|---|---|---|---|---|")
+        print("| shape | GPUs | batch per GPU | checkpointing | s/step | tokens/s | MFU | peak GiB per GPU |\n|---|---|---|---|---|---|---|---|")
     world = comm.world if comm else 1
     args = llama.ModelArgs(**SHAPES[a.shape])
     with torch.device("meta"):
