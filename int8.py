@@ -8,6 +8,10 @@ arithmetic the fake-quant graph simulates, so logits agree to float rounding.
 The GEMM (`mm`) has two back ends. On a GPU with Triton it is our kernel below: the int32 tile is
 scaled and cast to bf16 in the kernel's epilogue, so the int32 result never goes to memory. Elsewhere
 (CPU, or `int8.BACKEND = "torch"`) it is torch._int_mm followed by the scaling in PyTorch.
+
+Where only a static scale can be applied, the same kernel fuses more: `FusedFeedForward` runs gate and up
+as one GEMM whose epilogue applies SwiGLU and writes the w2 input's int8 codes. `DynamicFeedForward` is the
+dynamic baseline as serving engines run it (gate/up merged into one GEMM). bench.py times all of them.
 """
 from typing import Optional
 
@@ -244,7 +248,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, ql: sasq.QuantLinear, keep_float=True, shared=None):
         """shared: a dict that the linears of one model share, so that those reading one input (q/k/v, gate/up)
-        hold the same a_scale and c tensors: torch.compile then quantizes that input once, not once per linear."""
+        hold the same a_scale and c tensors: torch.compile then computes that input's truncation and codes
+        once (instead of a tanh per linear), as it does for the dynamic path."""
         super().__init__()
         act = ql.act
         if act.mode != "static" or act.bits != 8 or ql.wbits != 8:
