@@ -169,6 +169,12 @@ def test_gpu_kernels_in_bf16_match_torch():
     ref = int8._torch_gate_up(q, w13, ws13, s2, torch.bfloat16)
     d = (int8.triton_gate_up(q, w13, ws13, s2, torch.bfloat16).int() - ref.int()).abs()
     assert 0.3 < (ref.abs() < 127).float().mean() < 1 and d.max() <= 1 and (d > 0).float().mean() < 1e-3
+    for rows in (1, 16):                          # decode sizes: the small-tile configs
+        x, rs = q[:rows].contiguous(), torch.rand(rows, device="cuda") + 0.5
+        torch.testing.assert_close(int8.triton_mm(x, w13, ws13, rs), int8._torch_mm(x, w13, ws13, rs, torch.bfloat16),
+                                   atol=0, rtol=0)
+        d = (int8.triton_gate_up(x, w13, ws13, s2).int() - int8._torch_gate_up(x, w13, ws13, s2, torch.bfloat16).int())
+        assert d.abs().max() <= 1
 
 
 def test_fused_ffn_equals_the_unfused_int8_model(tiny_model):
