@@ -49,7 +49,7 @@ if triton is not None:
         grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         width = GROUP_M * grid_n
         first_m = (pid // width) * GROUP_M
-        group_m = min(grid_m - first_m, GROUP_M)
+        group_m = tl.minimum(grid_m - first_m, GROUP_M)
         return first_m + (pid % width) % group_m, (pid % width) // group_m
 
     @triton.jit
