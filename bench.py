@@ -375,9 +375,9 @@ def sec_train(a, dev, args, results):
                       "first step s": first, "500 x 8k tokens min": 500 * 8192 / (b * seq / step) / 60})
             rows.append(r)
     m.checkpointing = False
-    if a.profile and gpu:
+    if a.profile:
         best = max((r for r in rows if not r["checkpointing"] and "MFU" in r), key=lambda r: r["MFU"])
-        profile_step(m, qs, wins, best["batch"])
+        profile_step(m, qs, wins, best["batch"], dev)
     rows = [{"trains": "scales (SASQ)", **r} for r in rows] + qat_weights(m, qs, wins, seq, dev, flops, peak_tflops,
                                                                                    a.batches if gpu else (1,))
     return table(rows, ["trains", "checkpointing", "batch", "s/step", "tokens/s", "MFU", "peak GB", "first step s",
@@ -467,10 +467,10 @@ def by_kind(fn, reps, top=0):
     return groups
 
 
-def profile_step(m, qs, wins, batch):
+def profile_step(m, qs, wins, batch, dev):
     """Where the GPU time of training steps goes: kernels grouped by kind."""
     import train
-    groups = by_kind(lambda: train.train_scales(m, qs, wins, 1, batch, lr=1e-3, device="cuda", progress=False), 3)
+    groups = by_kind(lambda: train.train_scales(m, qs, wins, 1, batch, lr=1e-3, device=dev, progress=False), 3)
     total = sum(groups.values())
     return table([{"kernels": k, "ms per step": v, "share": v / total} for k, v in sorted(groups.items(), key=lambda kv: -kv[1])],
                  ["kernels", "ms per step", "share"], f"GPU time of a training step, batch {batch}, no checkpointing")
