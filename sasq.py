@@ -82,6 +82,8 @@ class QuantConfig:
                                    # then it folds into the rows of wv (export.py)
     clip: float = 1.0              # dynamic only: per-token scale = clip * absmax / qmax (QuaRot uses 0.9)
     rotate: int | None = None      # the seed of baselines.rotate, applied to the model before attaching
+    w2_tensor: bool = False        # one static scale for the w2 input (deployable + rotated: the online
+                                   # Hadamard in front of w2 keeps a per-channel scale from folding into w3)
 
     def __post_init__(self):
         for b in (self.wbits, self.abits):
@@ -98,10 +100,11 @@ class ActQuantizer(nn.Module):
     `groups=(n_kv, n_rep, head_dim)` ties the scales of the wo input (n_heads * head_dim channels)
     across the n_rep query heads that read one kv head: n_kv * head_dim trained scales, expanded."""
 
-    def __init__(self, dim: int, cfg: QuantConfig, norm_input: bool, groups=None):
+    def __init__(self, dim: int, cfg: QuantConfig, norm_input: bool, groups=None, per_channel=None):
         super().__init__()
         self.bits, self.mode, self.groups = cfg.abits, cfg.act, groups
-        n = 1 if not cfg.per_channel else dim if groups is None else groups[0] * groups[2]
+        per_channel = cfg.per_channel if per_channel is None else per_channel
+        n = 1 if not per_channel else dim if groups is None else groups[0] * groups[2]
         self.log_scale = nn.Parameter(torch.zeros(n))
         # thresholds start out of reach (identity); calibrate() sets them from the data
         use_c = norm_input and cfg.truncation and cfg.act == "static" and cfg.abits is not None
@@ -200,7 +203,9 @@ def attach(model, cfg: QuantConfig) -> nn.ModuleList:
     for i, point, parent, names in points(model):
         at = model.layers[i].attention
         groups = (at.n_kv_heads, at.n_heads // at.n_kv_heads, at.head_dim) if point == "wo" and cfg.tied_wo else None
-        q = quantizers[i][point] = ActQuantizer(getattr(parent, names[0]).in_features, cfg, POINTS[point][2], groups)
+        per_channel = cfg.per_channel and not (point == "w2" and cfg.w2_tensor)
+        q = quantizers[i][point] = ActQuantizer(getattr(parent, names[0]).in_features, cfg, POINTS[point][2], groups,
+                                                per_channel)
         for n in names:
             setattr(parent, n, QuantLinear(getattr(parent, n), q, cfg.wbits))
     p = next(model.parameters())

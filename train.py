@@ -22,6 +22,7 @@ import data
 import fsdp
 import model as llama
 import sasq
+import selfgen
 
 
 def parse_args(argv=None):
@@ -36,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--abits", type=int, default=8)
     p.add_argument("--no-truncation", action="store_true", help="ablation: no c*tanh(x/c) truncation")
     p.add_argument("--deployable", action="store_true", help="the recipe export.py can fold into a standard "
-                   "static W8A8 checkpoint: no truncation, wo scales tied across each GQA group")
+                   "static W8A8 checkpoint: no truncation, wo scales tied across each GQA group (with --rotate "
+                   "also one scale for the w2 input, behind the online Hadamard)")
     p.add_argument("--rotate", action="store_true", help="train on the QuaRot-style rotated model "
                    "(baselines.rotate, signs from --seed); eval.py rotates again when it loads these scales")
     p.add_argument("--loss", choices=("ce", "kl"), default="ce", help="ce: next-token cross-entropy on the text "
@@ -208,7 +210,8 @@ def prepare(a, device=None):
     model, tok = llama.load(a.ckpt, device or a.device, dtype)
     data.check_seq_len(model, a.seq_len)
     model.checkpointing = a.checkpointing
-    sources = [data.token_windows(tok, spec, a.seq_len) for spec in a.calib]
+    sources = [selfgen.windows(model, tok, spec, a.seq_len, a.seed) if selfgen.is_spec(spec)
+               else data.token_windows(tok, spec, a.seq_len) for spec in a.calib]
     if len(sources[0]) <= a.heldout:
         raise data.DataError(f"{a.calib[0]} gives {len(sources[0])} windows of {a.seq_len} tokens; "
                              f"need more than --heldout={a.heldout}")
@@ -260,7 +263,8 @@ def main(argv=None):
             baselines.rotate(model, a.seed)
         fingerprint = sasq.fingerprint(model)
     cfg = sasq.QuantConfig(wbits=a.wbits, abits=a.abits, truncation=not (a.no_truncation or a.deployable),
-                           tied_wo=a.deployable, rotate=a.seed if a.rotate else None)
+                           tied_wo=a.deployable, rotate=a.seed if a.rotate else None,
+                           w2_tensor=a.deployable and a.rotate)
     quiet = bool(comm and comm.rank)
     fp_ppl = data.perplexity(model, held, a.batch_size, a.device, progress=not quiet)
     quantizers = sasq.attach(model, cfg)
