@@ -51,7 +51,8 @@ def packaged_text(name: str) -> list[str]:
 
 
 def gospels(path) -> str:
-    """Matthew, Mark, Luke and John from the KJV database: one paragraph per chapter, verse numbers dropped."""
+    """Matthew, Mark, Luke and John from the KJV database: one paragraph per chapter, each passage without its
+    leading verse number (a passage the database stores as several verses keeps the inner ones, "1:3 And")."""
     import sqlite3
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:

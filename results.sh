@@ -21,36 +21,6 @@ run() {  # name, then train.py arguments
   echo "== $name: $*"
   python3 train.py --ckpt "$ckpt" --calib "$calib" --out "$out/$name.safetensors" --force "$@"
 }
-SHIP="dep dep-s128 dep-s256 dep-s128-kl rot rot-s128 rot-s128-kl"
-if [ "$stage" = ship ]; then   # what a user ships: deployable scales (+ rotation) on calibration mixes, exported
-  together run <<'LIST'
-dep --deployable
-dep-s128 --deployable --calib self:128
-dep-s256 --deployable --calib self:256
-dep-s128-kl --deployable --calib self:128 --loss kl
-LIST
-  together run <<'LIST'
-rot --deployable --rotate
-rot-s128 --deployable --rotate --calib self:128
-rot-s128-kl --deployable --rotate --calib self:128 --loss kl
-LIST
-  for n in $SHIP; do
-    python3 export.py --ckpt "$ckpt" --scales "$out/$n.safetensors" --out "$out/hf-$n" --force > "$out/export-$n.log" 2>&1 &
-  done
-  wait
-  exit 0
-fi
-if [ "$stage" = ship-eval ]; then   # every row on WikiText-2, Hamlet and the out-of-domain set (--test ood)
-  evo() { local name=$1; shift; ev --test ood --json "$out/$name.json" "$@"; }
-  together evo <<LIST
-eval-base --modes fp,dynamic,smoothquant,quarot --alpha 0.8
-eval-fq-dep --modes fp $(for n in dep dep-s128 dep-s256 dep-s128-kl; do echo --scales "$out/$n.safetensors"; done)
-eval-fq-rot --modes fp $(for n in rot rot-s128 rot-s128-kl; do echo --scales "$out/$n.safetensors"; done)
-eval-hf-dep --modes fp $(for n in dep dep-s128 dep-s256 dep-s128-kl; do echo --hf "$out/hf-$n"; done)
-eval-hf-rot --modes fp $(for n in rot rot-s128 rot-s128-kl; do echo --hf "$out/hf-$n"; done)
-LIST
-  exit 0
-fi
 if [ "$stage" = deploy ]; then
   run w8a8-deploy --deployable
   python3 export.py --ckpt "$ckpt" --scales "$out/w8a8-deploy.safetensors" --out "$out/hf-sasq-w8a8" --force
@@ -66,6 +36,40 @@ together() {  # one command per stdin line, "NAME ARGS...", run concurrently (a 
   done
   for p in "${pids[@]}"; do wait "$p"; done
 }
+SHIP="dep dep-s128 dep-s256 dep-s128-kl dep-s128-c dep-s128-300 rot rot-s128 rot-s128-kl rot-s128-c"
+missing() { while read -r line; do [ -e "$out/${line%% *}.safetensors" ] || echo "$line"; done; }   # resumable
+if [ "$stage" = ship ]; then   # what a user ships: deployable scales (+ rotation) on calibration mixes, exported
+  missing <<'LIST' | together run
+dep --deployable
+dep-s128 --deployable --calib self:128
+dep-s256 --deployable --calib self:256
+dep-s128-kl --deployable --calib self:128 --loss kl
+dep-s128-c --deployable --calib self:128 --calib comedies
+dep-s128-300 --deployable --calib self:128 --steps 300
+rot --deployable --rotate
+rot-s128 --deployable --rotate --calib self:128
+rot-s128-kl --deployable --rotate --calib self:128 --loss kl
+rot-s128-c --deployable --rotate --calib self:128 --calib comedies
+LIST
+  for n in $SHIP; do     # CPU work: two threads each, or ten exports fight over the cores
+    OMP_NUM_THREADS=2 python3 export.py --ckpt "$ckpt" --scales "$out/$n.safetensors" --out "$out/hf-$n" --force \
+      > "$out/export-$n.log" 2>&1 &
+  done
+  wait
+  exit 0
+fi
+if [ "$stage" = ship-eval ]; then   # every row on WikiText-2, Hamlet and the out-of-domain set (--test ood)
+  evo() { local name=$1; shift; ev --test ood --json "$out/$name.json" "$@"; }
+  each() { local flag=$1; shift; for n in "$@"; do printf -- '%s %s ' "$flag" "$n"; done; }
+  together evo <<LIST
+eval-base --modes fp,dynamic,smoothquant,quarot --alpha 0.8
+eval-fq-dep --modes fp $(each --scales $(for n in $SHIP; do echo "$out/$n.safetensors"; done | grep /dep))
+eval-fq-rot --modes fp $(each --scales $(for n in $SHIP; do echo "$out/$n.safetensors"; done | grep /rot))
+eval-hf-dep --modes fp $(each --hf $(for n in $SHIP; do echo "$out/hf-$n"; done | grep /hf-dep))
+eval-hf-rot --modes fp $(each --hf $(for n in $SHIP; do echo "$out/hf-$n"; done | grep /hf-rot))
+LIST
+  exit 0
+fi
 if [ "$stage" = baselines ]; then    # SASQ at A6/A4, on the rotated model (--rotate), with the KL loss
   together run <<'LIST'
 w8a6-max --abits 6

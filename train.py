@@ -25,12 +25,19 @@ import sasq
 import selfgen
 
 
+# the default calibration: the local text plus 256 windows the float model writes itself (LLM-QAT's
+# data-free text); of the mixes tried it was the best on texts none of them saw (docs/deploy.md)
+CALIB = (data.CALIB, "self:256")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="checkpoint folder/file, hub id or short name "
                    f"(default: {llama.DEFAULT_CKPT}, the embedded GGUF)")
-    p.add_argument("--calib", action="append", help="training text, SOURCE[:CONFIG[:SPLIT]]; repeat it "
-                   f"for a mix (default {data.CALIB}); held-out windows come from the first")
+    p.add_argument("--calib", action="append", help="training text, SOURCE[:CONFIG[:SPLIT]] or self:N (N "
+                   "windows written by the float model, selfgen.py); repeat it for a mix (default: "
+                   f"{' + '.join(CALIB)}, chosen on the out-of-domain texts: docs/deploy.md); held-out windows "
+                   "come from the first")
     p.add_argument("--out", default="scales.safetensors", help="where the trained scales go")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--wbits", type=int, default=8)
@@ -62,8 +69,16 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.state.pt")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
-    a.calib = a.calib or [data.CALIB]
+    a.calib = a.calib or list(CALIB)
     cli.check_args(p, a)
+    for spec in filter(selfgen.is_spec, a.calib):
+        try:
+            selfgen.parse(spec)
+        except ValueError as e:
+            p.exit(2, f"{p.prog}: error: {e}\n")
+    if selfgen.is_spec(a.calib[0]):
+        p.exit(2, f"{p.prog}: error: --calib {a.calib[0]}: held-out windows come from the first --calib; "
+                  "put a text first\n")
     check_paths(p, a, a.out + ".state.pt")
     return a
 

@@ -1,0 +1,46 @@
+"""Text sources: the out-of-domain texts from their pinned wheels, and calibration text the model writes."""
+import pytest
+import torch
+
+import data
+import selfgen
+
+
+@pytest.mark.parametrize("name, start, chars", [("licenses", "Apache License", 120_000),
+                                                 ("gospels", "The book of the generation of Jesus Christ", 430_000),
+                                                 ("code", "# $Id: states.py", 200_000)])
+def test_ood_texts_come_from_their_packages(name, start, chars):
+    text = data.load_text(name)
+    assert text.startswith(start) and len(text) > chars
+    assert name in data.OOD and "wikitext" not in text.lower()[:10_000]
+
+
+def test_gospels_drop_leading_verse_numbers():
+    first = data.load_text("gospels").split("\n\n")[0]      # Matthew 1, one paragraph
+    assert first.startswith("The book") and "1:1 " not in first and "1:2 " not in first and first.count("begat") > 30
+
+
+def test_self_generated_windows_are_seeded(tiny_model):
+    a = selfgen.sample(tiny_model, 5, 12, seed=3, batch=2, progress=False)
+    b = selfgen.sample(tiny_model, 5, 12, seed=3, batch=2, progress=False)
+    c = selfgen.sample(tiny_model, 5, 12, seed=4, batch=2, progress=False)
+    assert a.shape == (5, 12) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # after the random first token, `greedy` argmax tokens, then samples (which here differ from argmax)
+    logits = tiny_model(a[:, :-1])[0]
+    argmax = logits.argmax(-1)
+    assert torch.equal(a[:, 1:4], argmax[:, :3])
+    assert not torch.equal(a[:, 4:], argmax[:, 3:])
+
+
+def test_self_generated_windows_start_with_bos(tiny_model):
+    w = selfgen.sample(tiny_model, 2, 8, seed=0, bos_id=1, progress=False)
+    assert (w[:, 0] == 1).all() and torch.equal(w[:, 2:5], tiny_model(w[:, :-1])[0].argmax(-1)[:, 1:4])
+
+
+@pytest.mark.parametrize("spec, n", [("self", 128), ("self:7", 7)])
+def test_self_spec(spec, n):
+    assert selfgen.is_spec(spec) and selfgen.parse(spec) == n
+    assert not selfgen.is_spec("selfish.txt")
+    with pytest.raises(ValueError, match="self:N"):
+        selfgen.parse("self:0")

@@ -1,0 +1,84 @@
+"""vLLM's CPU build as a reader of what export.py writes (the real engine, in an environment of its own:
+`.venv-vllm`, which .ci/run makes; skipped where it is absent). The deployable and the rotated export of
+the real SmolLM2, with PTQ scales, scored by vLLM and by transformers + compressed-tensors on the same
+windows; which kernel and transforms vLLM chose is read from its own modules (tests/vllm_reader.py)."""
+import copy
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+
+import baselines
+import data
+import export
+import sasq
+from conftest import CALIB_SPEC, ROOT, TEST_SPEC
+
+VENV = ROOT / ".venv-vllm"
+VLLM_PYTHON = os.environ.get("SASQ_VLLM_PYTHON", str(VENV / "bin" / "python"))
+pytestmark = pytest.mark.skipif("SASQ_VLLM_PYTHON" not in os.environ and not VENV.exists(),
+                                reason="no vLLM environment: `bash tests/vllm-venv.sh` makes .venv-vllm")
+STATIC, DYNAMIC = "CompressedTensorsW8A8Int8:_apply_weights_onednn", "CompressedTensorsW8A8Int8:_apply_weights_sgl"
+
+
+def hf_ppl(folder, wins):
+    hf = export.load_hf(folder)
+    return data.perplexity(lambda x: (hf(x).logits,), wins, progress=False)
+
+
+def wait_for_venv(limit=900):
+    """.ci/run builds .venv-vllm while the other tests run; wait until tests/vllm-venv.sh says how it went."""
+    t0 = time.time()
+    while "SASQ_VLLM_PYTHON" not in os.environ and not (VENV / "READY").exists():
+        if (VENV / "FAILED").exists() or time.time() - t0 > limit:
+            pytest.fail(f"the vLLM environment did not install ({VENV / 'FAILED'} or {limit} s); see .venv-vllm.log")
+        time.sleep(5)
+
+
+def test_vllm_reads_the_static_exports(smollm, tmp_path):
+    wait_for_venv()
+    base, tok = smollm
+    wins = data.token_windows(tok, TEST_SPEC, 256, 2)
+    calib = data.token_windows(tok, CALIB_SPEC, 256, 4)
+    folders = {}
+    for name, cfg in (("dep", sasq.QuantConfig(truncation=False, tied_wo=True)),
+                      ("rot", sasq.QuantConfig(truncation=False, tied_wo=True, rotate=0, w2_tensor=True))):
+        m = copy.deepcopy(base)
+        if cfg.rotate is not None:
+            baselines.rotate(m, cfg.rotate)
+        qs = sasq.attach(m, cfg)
+        sasq.calibrate(m, qs, calib, progress=False)
+        folders[name] = str(tmp_path / name)
+        export.export(m, tok, folders[name], qs, dtype=torch.float32)
+        del m
+    (tmp_path / "wins.json").write_text(json.dumps(wins.tolist()))
+    jobs = [f"{folders['dep']}:static", f"{folders['dep']}:default", f"{folders['rot']}:patched",
+            f"{folders['rot']}:static"]
+    out = subprocess.run([VLLM_PYTHON, str(ROOT / "tests" / "vllm_reader.py"), str(tmp_path / "wins.json"), *jobs],
+                         capture_output=True, text=True, timeout=600)
+    got = {k: v for line in out.stdout.splitlines() if line.startswith("RESULT ") for k, v in json.loads(line[7:]).items()}
+    assert len(got) == len(jobs), out.stderr[-3000:]
+    n = len(base.layers)
+    ref = {name: hf_ppl(f, wins) for name, f in folders.items()}
+    # the static path: every linear (qkv, o, gate_up, down per layer) on oneDNN with the static input_scale,
+    # and the same perplexity as transformers
+    dep, rot = got[jobs[0]], got[jobs[2]]
+    assert dep["kernels"] == {STATIC: 4 * n} and dep["transforms"] == 0
+    assert dep["ppl"] == pytest.approx(ref["dep"], rel=5e-3)
+    # the rotated export: vLLM's transform code applies the down_proj Hadamard once it can run on the CPU...
+    assert rot["kernels"] == {STATIC: 4 * n} and rot["transforms"] == n
+    assert rot["ppl"] == pytest.approx(ref["rot"], rel=5e-3)
+    # ...which vLLM 0.32's CPU build cannot by itself (when this fails, vLLM fixed it: update docs/deploy.md)
+    assert "cpu_linear" in got[jobs[3]].get("error", ""), got[jobs[3]]
+    # vLLM as a user starts it: on an AMX CPU its default int8 kernel quantizes per token (dynamic) and
+    # ignores input_scale, so a static checkpoint gives another number; elsewhere it runs the static path
+    default = got[jobs[1]]
+    if DYNAMIC in default["kernels"]:
+        assert default["kernels"] == {DYNAMIC: 4 * n}
+        assert abs(default["ppl"] / dep["ppl"] - 1) > 0.01
+    else:
+        assert default["kernels"] == {STATIC: 4 * n}
+        assert default["ppl"] == pytest.approx(dep["ppl"], rel=5e-3)
