@@ -58,13 +58,16 @@ def build(args, device, dtype=torch.bfloat16, seed=0):
     return m.eval().requires_grad_(False)
 
 
+CUDA = False      # whether the work runs on the GPU: main() sets it (--tiny runs on the CPU even on a GPU machine)
+
+
 def timed(fn, reps, graph=True):
     """Milliseconds per call of fn(). On a GPU: one call captured in a CUDA graph, replayed `reps`
     times between two events (graph=False: plain calls, as an evaluation loop runs). On the CPU:
     the median wall clock of `reps` calls."""
     for _ in range(2):                  # compile, autotune, allocate
         fn()
-    if not torch.cuda.is_available():
+    if not CUDA:
         times = []
         for _ in range(reps):
             t = time.perf_counter()
@@ -450,7 +453,7 @@ def by_kind(fn, reps, top=0):
     """GPU kernel time of fn() in ms per call, by kernel kind (torch.profiler over `reps` plain calls), and
     the `top` longest kernels. On the CPU (--tiny): the ops' self CPU time, grouped the same way (a smoke test)."""
     from torch.profiler import ProfilerActivity, profile
-    gpu = torch.cuda.is_available()
+    gpu = CUDA
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     fn()
     sync()
@@ -584,15 +587,32 @@ def main(argv=None):
                    "block at prefill, a decode step; plus the kernels compile generates) and train (one step)")
     p.add_argument("--tokenizer", default=None, help="a tokenizer.model, for the load section's folder")
     p.add_argument("--load-dir", default=None, help="where the load section writes its checkpoint (default: tmp)")
+    p.add_argument("--force", action="store_true", help="replace bench-SECTION.json files that exist in --out")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
-    a.batches = [int(b) for b in a.batches.split(",")]
+    try:
+        a.batches = [int(b) for b in a.batches.split(",")]
+    except ValueError:
+        p.exit(2, f"{p.prog}: error: --batches {a.batches}: write batch sizes separated by commas, e.g. 1,2,4\n")
     cli.check_args(p, a)
+    for flag, path, kind in (("--tokenizer", a.tokenizer, os.path.isfile), ("--load-dir", a.load_dir, os.path.isdir)):
+        if path is not None and not kind(path):
+            p.exit(2, f"{p.prog}: error: {flag} {path}: no such {'file' if kind is os.path.isfile else 'folder'}\n")
     if not a.tiny and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: error: no CUDA GPU here: the 7B-shape sections need one; --tiny runs them on the CPU\n")
     sections = [s for s in a.sections.split(",") if s]
     if bad := [s for s in sections if s not in SECTIONS]:
         p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
+    if a.out:                    # before minutes of measuring: a place we may write, nothing replaced
+        there = [s for s in sections if os.path.exists(os.path.join(a.out, f"bench-{s}.json"))]
+        if there and not a.force:
+            p.exit(2, f"{p.prog}: error: --out {a.out} already holds bench-{there[0]}.json; pass --force to replace it\n")
+        parent = a.out if os.path.isdir(a.out) else os.path.dirname(os.path.abspath(a.out))
+        if os.path.isfile(a.out) or not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+            p.exit(2, f"{p.prog}: error: --out {a.out}: not a folder we can write\n")
     dev = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
+    global CUDA
+    CUDA = dev == "cuda"
     args = TINY if a.tiny else llama.ModelArgs()          # ModelArgs() is LLaMA-2-7B
     llama.allow_recompiles()                                # one graph per shape and variant
     device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -623,4 +643,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

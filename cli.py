@@ -66,9 +66,10 @@ def check_writable(parser, path, force, what="--out"):
 def run(main):
     """Script entry point: an error the user can fix (path, file, data, scales, value) becomes one
     'error:' line on stderr and exit status 1; --debug shows the traceback instead."""
+    from safetensors import SafetensorError
     try:
         main()
-    except (model.CheckpointError, data.DataError, sasq.ScalesError, ValueError, OSError) as e:
+    except (model.CheckpointError, data.DataError, sasq.ScalesError, ValueError, OSError, SafetensorError) as e:
         if "--debug" in sys.argv:
             raise
         sys.exit(f"error: {e}")

@@ -110,7 +110,13 @@ def check_seq_len(model, seq_len):
 
 def token_windows(tokenizer, spec: str, seq_len: int, limit: int | None = None) -> torch.Tensor:
     """The whole protocol up to the model: load, join, tokenize once (BOS as the tokenizer wants), window."""
-    return windows(tokenizer.encode(load_text(spec)), seq_len, limit)
+    text = load_text(spec)
+    if not text.strip(" \t\r\n\x00"):
+        raise DataError(f"{spec}: the text is empty (nothing but whitespace or NUL bytes)")
+    try:
+        return windows(tokenizer.encode(text), seq_len, limit)
+    except DataError as e:
+        raise DataError(f"{spec}: {e}") from None
 
 
 @torch.no_grad()

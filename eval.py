@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--fused", action="store_true", help="with --int8: the gate/up GEMM writes the w2 input's "
                    "int8 codes (int8.fuse; static scales without rotation)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--hf", action="append", default=[], help="a Hugging Face folder to evaluate through "
                    "transformers (e.g. export.py's output); repeatable")
     p.add_argument("--prompt", default=None, help="print each mode's greedy completion of this prompt beside fp's")
@@ -82,9 +83,44 @@ def parse_args(argv=None):
     cli.check_args(p, a)
     if a.fused and not a.int8:
         p.exit(2, f"{p.prog}: error: --fused needs --int8 (it fuses the real INT8 FFN)\n")
+    if a.int8 and a.decode == "dynamic":        # int8.Int8Linear has static scales only
+        p.exit(2, f"{p.prog}: error: --decode dynamic is not implemented on the INT8 path; run it without --int8\n")
     if not 0 <= a.alpha <= 1:
         p.exit(2, f"{p.prog}: error: --alpha must be in 0..1, got {a.alpha}\n")
+    if a.json:                   # where the result goes is checked before minutes of evaluation
+        cli.check_writable(p, a.json, a.force, "--json")
+    for folder in a.hf:
+        missing = ("no such folder" if not os.path.isdir(folder) else
+                   "no config.json in it" if not os.path.isfile(os.path.join(folder, "config.json")) else
+                   "no .safetensors weights in it" if not any(n.endswith(".safetensors") for n in os.listdir(folder))
+                   else hf_quant_problem(folder))
+        if missing:
+            p.exit(2, f"{p.prog}: error: --hf {folder}: {missing}\n")
     return a
+
+
+def hf_quant_problem(folder):
+    """None if transformers reads `folder` as we score it (plain, or compressed-tensors), else why not: another
+    quant_method would load its int8 codes as float weights and drop the scales."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            qc = json.load(f).get("quantization_config")
+    except (OSError, ValueError) as e:
+        return f"config.json is not readable JSON ({type(e).__name__})"
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if qc is not None and method != "compressed-tensors":
+        return f"quantization_config quant_method {method!r}: eval.py reads plain and compressed-tensors folders"
+    return None
+
+
+def check_scales(path, model):
+    """Before the first row: the scales file must belong to this model (a rotated file: to the model it was
+    rotated from, if the file records it; older files are checked when their row comes)."""
+    meta, _, cfg = sasq._read(path)
+    want = json.loads(meta.get("extra", "{}")).get("base_fingerprint") if cfg.rotate is not None else meta.get("fingerprint")
+    if want is not None and want != sasq.fingerprint(model):
+        raise sasq.ScalesError(f"{path}: these scales belong to another model (fingerprint {want}, this model "
+                               f"is {sasq.fingerprint(model)})")
 
 
 def calib_windows(tok, a):
@@ -217,6 +253,8 @@ def main(argv=None):
         sasq.read_config(path)
     model, tok = llama.load(a.ckpt, a.device, getattr(torch, a.dtype))
     data.check_seq_len(model, a.seq_len)
+    for path in a.scales:
+        check_scales(path, model)
     if a.compile and gpu:
         model.compile_blocks()
     tests = [t for spec in a.test or [data.TEST] for t in (data.OOD if spec == "ood" else [spec])]
@@ -240,10 +278,15 @@ def main(argv=None):
     print(markdown_table(rows, tests))
     if a.json:
         clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
-        with open(a.json + ".tmp", "w") as f:
-            json.dump({"ckpt": a.ckpt or llama.DEFAULT_CKPT, "seq_len": a.seq_len, "rows": clean}, f, indent=1,
-                      allow_nan=False)
-        os.replace(a.json + ".tmp", a.json)
+        try:
+            with open(a.json + ".tmp", "w") as f:
+                json.dump({"ckpt": a.ckpt or llama.DEFAULT_CKPT, "seq_len": a.seq_len, "rows": clean}, f, indent=1,
+                          allow_nan=False)
+            os.replace(a.json + ".tmp", a.json)
+        except OSError as e:            # the table above is printed: say so, leave no half file
+            if os.path.exists(a.json + ".tmp"):
+                os.remove(a.json + ".tmp")
+            raise OSError(f"--json {a.json}: cannot write it ({e.strerror}); the table above has the rows") from None
 
 
 def markdown_table(rows, tests):

@@ -201,35 +201,53 @@ def save_tokenizer(tok, folder):
 
 
 def write_folder(out, sd: dict, config: dict, tok, force=False):
-    """config.json + safetensors shards (+ index) + tokenizer, written to OUT.tmp and renamed at the end."""
-    from safetensors.torch import save_file
+    """config.json + safetensors shards (+ index) + tokenizer, written into a temporary folder of our own
+    beside `out` (never a name the user may own) and renamed to `out` at the end. With force, an existing
+    `out` is first renamed aside, then the new folder moved in, then the old one deleted: a kill at any point
+    leaves one of them whole. An error or Ctrl-C while writing removes the temporary folder."""
+    import tempfile
     if os.path.exists(out) and not force:
         raise data.DataError(f"{out} exists; pass --force to replace it or --out elsewhere")
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    shards, size = [[]], 0
-    for k, v in sd.items():
-        if size and size + v.nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += v.nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors" for j in range(len(shards))]
-    for name, keys in zip(names, shards):
-        save_file({k: sd[k] for k in keys}, os.path.join(tmp, name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())},
-                 "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=1)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    save_tokenizer(tok, tmp)
-    if os.path.exists(out):
-        shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+    out = out.rstrip("/")
+    parent, name = os.path.dirname(os.path.abspath(out)), os.path.basename(out)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.writing-")
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        shards, size = [[]], 0
+        for k, v in sd.items():
+            if size and size + v.nbytes > SHARD_BYTES:
+                shards.append([])
+                size = 0
+            shards[-1].append(k)
+            size += v.nbytes
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors" for j in range(len(shards))]
+        for shard, keys in zip(names, shards):
+            sasq.save_safetensors({k: sd[k] for k in keys}, os.path.join(tmp, shard), {"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())},
+                     "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=1)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        save_tokenizer(tok, tmp)
+    except BaseException:           # a full disk, Ctrl-C: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    aside = None
+    if os.path.lexists(out):
+        aside = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
+        os.replace(out, os.path.join(aside, name))
     os.replace(tmp, out)
+    if aside:
+        shutil.rmtree(aside)
+
+
+def _umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def export(model, tok, out, quantizers=None, dtype=torch.bfloat16, force=False):
@@ -267,9 +285,14 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
+    if a.scales and os.path.isdir(a.scales):
+        p.exit(2, f"{p.prog}: error: --scales {a.scales} is a folder; give the scales file train.py wrote\n")
     cli.check_args(p, a)
     if os.path.exists(a.out) and not a.force:
         p.exit(2, f"{p.prog}: error: --out {a.out} exists; pass --force to replace it\n")
+    parent = os.path.dirname(os.path.abspath(a.out.rstrip("/")))
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        p.exit(2, f"{p.prog}: error: --out {a.out}: cannot write in {parent}\n")
     return a
 
 

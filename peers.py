@@ -48,7 +48,7 @@ def run(hf_folder, out, name, wins, device):
     oneshot(model=m, tokenizer=tok, dataset=ds, recipe=recipes()[name](), max_seq_length=wins.shape[1],
             num_calibration_samples=len(wins), shuffle_calibration_samples=False)
     dest = os.path.join(out, name)
-    shutil.rmtree(dest, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)          # main() checked: absent, or --force
     m.save_pretrained(dest, save_compressed=True)
     tok.save_pretrained(dest)
     return dest
@@ -63,12 +63,20 @@ def main(argv=None):
     p.add_argument("--calib-windows", type=int, default=16, help="as train.py's PTQ initialisation")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--force", action="store_true", help="replace recipe folders that exist under --out")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     names = a.recipes.split(",")
     unknown = [n for n in names if n not in ("w8a8-dynamic", "w8a8-static-tensor", "w8a8-static-tensor-sq")]
     if unknown or a.calib_windows < 1:
         p.error(f"unknown recipe(s) {unknown}" if unknown else "--calib-windows must be at least 1")
+    import importlib.util
+    if importlib.util.find_spec("llmcompressor") is None:       # before loading anything or creating --out
+        p.exit(2, f"{p.prog}: error: llmcompressor is not installed (pip install llmcompressor)\n")
+    there = [n for n in names if os.path.exists(os.path.join(a.out, n))]
+    if there and not a.force:
+        p.exit(2, f"{p.prog}: error: {', '.join(os.path.join(a.out, n) for n in there)} exist(s); pass --force "
+                  "to replace them\n")
     _, tok = llama.load(a.hf)             # our tokenizer: the same calibration windows as train.py
     wins = data.token_windows(tok, a.calib, a.seq_len, a.calib_windows)
     os.makedirs(a.out, exist_ok=True)

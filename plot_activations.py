@@ -33,10 +33,30 @@ def parse_args(argv=None):
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: four across depth)")
     p.add_argument("--points", default=",".join(sasq.POINTS), help="subset of %(default)s")
     p.add_argument("--out", default="plots", help="folder for the PNGs")
+    p.add_argument("--force", action="store_true", help="replace plots that exist in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     cli.check_args(p, a)
+
+    def error(msg):
+        p.exit(2, f"{p.prog}: error: {msg}\n")
+    try:                         # everything checkable is checked before the model loads
+        a.layers = sorted({int(v) for v in a.layers.split(",")}) if a.layers else None
+    except ValueError:
+        error(f"--layers {a.layers}: write layer indices separated by commas, e.g. 0,10,29")
+    if any(pt not in sasq.POINTS for pt in a.points.split(",") if pt) or not a.points.strip(","):
+        error(f"--points must be a subset of {','.join(sasq.POINTS)}")
+    if a.scales and sasq.read_config(a.scales).rotate is not None:
+        error(f"--scales {a.scales}: scales of a rotated model (train.py --rotate) are not supported here")
+    if os.path.isfile(a.out):
+        error(f"--out {a.out} is a file; give a folder")
+    old = [n for n in (os.listdir(a.out) if os.path.isdir(a.out) else []) if n.endswith(".png")]
+    if old and not a.force:
+        error(f"--out {a.out} already holds plots ({old[0]}, ...); pass --force to replace them")
+    parent = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(a.out) and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        error(f"--out {a.out}: cannot create it in {parent}")
     return a
 
 
@@ -152,12 +172,10 @@ def plot_depth(path, depth, points, label):
 def main(argv=None):
     a = parse_args(argv)
     points = [p for p in a.points.split(",") if p]
-    if any(p not in sasq.POINTS for p in points):
-        raise SystemExit(f"error: --points must be a subset of {','.join(sasq.POINTS)}")
     model, tok = llama.load(a.ckpt, a.device)
     data.check_seq_len(model, a.seq_len)
     n = model.args.n_layers
-    layers = sorted({int(v) for v in a.layers.split(",")}) if a.layers else sorted({0, n // 3, 2 * n // 3, n - 1})
+    layers = a.layers or sorted({0, n // 3, 2 * n // 3, n - 1})
     if any(not 0 <= i < n for i in layers):
         raise SystemExit(f"error: --layers must be in 0..{n - 1}")
     if a.scales:

@@ -6,7 +6,8 @@ Read top to bottom, this file is the method:
   3. QuantLinear: the per-input-channel scale folded into the weight, so that the fake-quant graph
      is exactly an int8 x int8 GEMM with one float scale per output column;
   4. attach/detach/freeze at four points per layer of a model.Transformer (one walker over them: points());
-  5. PTQ calibration (the initial scales) from forward pre-hooks on the float model; saving and loading.
+  5. PTQ calibration (the initial scales) from forward pre-hooks on the float model;
+  6. saving and loading.
 Weights stay frozen throughout; only log-scales and log-thresholds are trained (train.py).
 """
 import contextlib
@@ -305,7 +306,7 @@ def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0
         q.log_scale.copy_((init.clamp(min=1e-6) / qmax(q.bits or 8)).log())
 
 
-# --------------------------------------------------------------------------- 5. saving and loading
+# --------------------------------------------------------------------------- 6. saving and loading
 
 class ScalesError(Exception):
     """A scales file that is unreadable or belongs to another model / configuration."""
@@ -332,18 +333,28 @@ def check_scales(tensors: dict, path=""):
             raise ScalesError(f"{path}{': ' if path else ''}{k} holds non-finite or zero scales; refusing them")
 
 
+def save_safetensors(tensors: dict, path, metadata=None):
+    """safetensors' save_file, then the mode the umask gives a new file (safetensors leaves 0600, which a
+    serving engine running as another user cannot read)."""
+    import os
+    from safetensors.torch import save_file
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None, force=True, fingerprint_=None):
     """Write scales and thresholds (safetensors) with the config and the model's fingerprint; atomically.
     With force=False an existing file, even one created while this run went on, is never replaced.
     `fingerprint_`: the id of the unsharded model, when `model` is sharded (fsdp.py)."""
     import os
-    from safetensors.torch import save_file
     meta = {"config": json.dumps(asdict(cfg)), "fingerprint": fingerprint_ or fingerprint(model),
             "extra": json.dumps(extra or {}, allow_nan=False, default=str)}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in quantizers.state_dict().items()}
     check_scales(tensors)
     tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=meta)
+    save_safetensors(tensors, tmp, meta)
     if force:
         os.replace(tmp, path)
         return

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -68,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=50, help="checkpoint the trainable state every N steps")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.state.pt")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    if os.environ.get("RANK", "0") != "0":     # under torchrun, one rank explains a bad command line, not all
+        p.exit = lambda status=0, message=None: sys.exit(status)
+        p.print_usage = p.print_help = lambda file=None: None
     a = p.parse_args(argv)
     a.calib = a.calib or list(CALIB)
     cli.check_args(p, a)
@@ -209,7 +213,8 @@ def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device=
             losses.append(guard.check(value, step))
             first = first or time.time() - t0
             flag = comm.any(stop.flag) if comm else stop.flag       # every rank stops at the same step
-            if state_path and not rank and (flag or (save_every and (step + 1) % save_every == 0)):
+            last = step + 1 == steps        # the final state too: a failing final save loses nothing (--resume)
+            if state_path and not rank and (flag or last or (save_every and (step + 1) % save_every == 0)):
                 save_state(state_path, step + 1, quantizers, opt, sched, gen, losses, run)
             if flag:
                 raise Stopped(f"{stop.flag or 'a signal to another rank'} after step {step + 1} of {steps}; state "
@@ -271,9 +276,11 @@ def main(argv=None):
         raise ValueError("--rotate is not supported under torchrun yet; rotate on one GPU")
     if comm:
         model, train_wins, calib_wins, held, fingerprint = fsdp.load(a, comm, a.device, prepare)
+        base_fp = fingerprint
         print(f"{comm.world} processes, FSDP2: global batch {comm.world} x {a.batch_size} windows")
     else:
         model, train_wins, calib_wins, held = prepare(a)
+        base_fp = sasq.fingerprint(model)      # of the model as loaded: eval.py checks it before rotating
         if a.rotate:
             baselines.rotate(model, a.seed)
         fingerprint = sasq.fingerprint(model)
@@ -309,9 +316,14 @@ def main(argv=None):
           (f" (first step {first:.1f} s)" if first is not None else " (all steps were done before --resume)") +
           f"; training loss ({a.loss}), mean of the first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
     if not quiet:                    # rank 0 writes; the scales are identical on every rank
-        sasq.save(a.out, model, quantizers, cfg, force=a.force, fingerprint_=fingerprint,
-                  extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib),
-                         "loss": a.loss, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl})
+        from safetensors import SafetensorError
+        try:
+            sasq.save(a.out, model, quantizers, cfg, force=a.force, fingerprint_=fingerprint,
+                      extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib),
+                             "loss": a.loss, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl, "base_fingerprint": base_fp})
+        except (OSError, SafetensorError) as e:
+            raise SystemExit(f"error: cannot write {a.out} ({' '.join(str(e).split())[:120]}); the trained state is "
+                             f"in {state}: make room and run the same command with --resume to write the scales")
         if os.path.exists(state):
             os.remove(state)
     print(f"scales saved to {a.out}")
