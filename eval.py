@@ -116,7 +116,7 @@ def hf_quant_problem(folder):
 def check_scales(path, model):
     """Before the first row: the scales file must belong to this model (a rotated file: to the model it was
     rotated from, if the file records it; older files are checked when their row comes)."""
-    meta, _, cfg = sasq._read(path)
+    meta, cfg = sasq.read_meta(path)
     want = json.loads(meta.get("extra", "{}")).get("base_fingerprint") if cfg.rotate is not None else meta.get("fingerprint")
     if want is not None and want != sasq.fingerprint(model):
         raise sasq.ScalesError(f"{path}: these scales belong to another model (fingerprint {want}, this model "

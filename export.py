@@ -211,7 +211,7 @@ def write_folder(out, sd: dict, config: dict, tok, force=False):
     out = out.rstrip("/")
     parent, name = os.path.dirname(os.path.abspath(out)), os.path.basename(out)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.writing-")
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~sasq.current_umask())         # mkdtemp makes 0700: readable as the umask says
     try:
         shards, size = [[]], 0
         for k, v in sd.items():
@@ -242,12 +242,6 @@ def write_folder(out, sd: dict, config: dict, tok, force=False):
     os.replace(tmp, out)
     if aside:
         shutil.rmtree(aside)
-
-
-def _umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def export(model, tok, out, quantizers=None, dtype=torch.bfloat16, force=False):

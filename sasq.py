@@ -339,9 +339,14 @@ def save_safetensors(tensors: dict, path, metadata=None):
     import os
     from safetensors.torch import save_file
     save_file(tensors, path, metadata=metadata)
-    umask = os.umask(0)
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    import os
+    umask = os.umask(0)          # the only way to read it is to set it
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
 
 
 def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None, force=True, fingerprint_=None):
@@ -375,6 +380,12 @@ def _read(path):
         raise ScalesError(f"{path}: not a readable scales file ({type(e).__name__}: {str(e)[:100]})") from None
     check_scales(tensors, path)
     return meta, tensors, cfg
+
+
+def read_meta(path) -> tuple[dict, QuantConfig]:
+    """A scales file's metadata (fingerprint, extra) and config, without attaching anything."""
+    meta, _, cfg = _read(path)
+    return meta, cfg
 
 
 def read_config(path) -> QuantConfig:
