@@ -86,8 +86,10 @@ def load_text(spec: str) -> str:
     try:
         rows = datasets.load_dataset(source, config, split=split or "test")["text"]
     except Exception as e:   # datasets raises many types (FileNotFound, ValueError, connection errors)
+        hint = "" if os.path.isdir(source) else (" (no hub here? name a local text: a file, or a folder in the hub's "
+                                                  "layout as FOLDER:CONFIG:SPLIT)")
         raise DataError(f"{spec}: cannot load dataset {source!r} config {config!r} split {split!r} "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:160]}){hint}") from None
     return "\n\n".join(rows)
 
 

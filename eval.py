@@ -53,16 +53,18 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (paper 0.5; "
                    "llm-compressor uses 0.8 for LLaMA)")
     p.add_argument("--scales", action="append", default=[], help="SASQ scales file(s) from train.py")
-    p.add_argument("--wbits", type=int, default=8)
-    p.add_argument("--abits", type=int, default=8)
+    p.add_argument("--wbits", type=int, default=8, help="weight bits of the baseline rows (default 8; a scales "
+                   "file's row uses its own)")
+    p.add_argument("--abits", type=int, default=8, help="activation bits of the baseline rows (default 8)")
     p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text for the static baselines")
     p.add_argument("--calib-windows", type=int, default=16, help="as train.py's PTQ initialisation")
     p.add_argument("--init", choices=("mean", "max"), default=sasq.INIT, help="static-channel's PTQ init, as train.py's")
-    p.add_argument("--calib-seq-len", type=int, default=2048)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per PTQ calibration window (default 2048)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per test window (default 2048, the protocol's)")
     p.add_argument("--limit", type=int, default=None, help="only the first N windows")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default 8 on GPU, 1 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (GPU): fake-quant then "

@@ -41,8 +41,9 @@ def parse_args(argv=None):
                    "come from the first")
     p.add_argument("--out", default="scales.safetensors", help="where the trained scales go")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--wbits", type=int, default=8)
-    p.add_argument("--abits", type=int, default=8)
+    p.add_argument("--wbits", type=int, default=8, help="weight bits, per output channel, RTN (default 8)")
+    p.add_argument("--abits", type=int, default=8, help="activation bits, static scales (default 8; 6 and 4 are the "
+                   "stress tests)")
     p.add_argument("--no-truncation", action="store_true", help="ablation: no c*tanh(x/c) truncation")
     p.add_argument("--deployable", action="store_true", help="the recipe export.py can fold into a standard "
                    "static W8A8 checkpoint: no truncation, wo scales tied across each GQA group (with --rotate "
@@ -54,18 +55,20 @@ def parse_args(argv=None):
     p.add_argument("--init", choices=("mean", "max"), default=sasq.INIT,
                    help="PTQ init: max or (the paper's) mean over batches of the per-channel absmax")
     p.add_argument("--trunc-mult", type=float, default=4.0, help="initial threshold c = this x calib absmax")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--lr", type=float, default=2e-2, help="Adam lr on log-scales (cosine decay to 0)")
     p.add_argument("--calib-windows", type=int, default=16, help="windows for the PTQ initialisation")
     p.add_argument("--heldout", type=int, default=4, help="last windows of --calib kept for evaluation")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (7B on one GPU)")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the blocks (GPU only)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch sampler, the rotation's signs and "
+                   "self:N's text (default 0)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint the trainable state every N steps")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.state.pt")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")

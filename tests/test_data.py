@@ -44,3 +44,12 @@ def test_self_spec(spec, n):
     assert not selfgen.is_spec("selfish.txt")
     with pytest.raises(ValueError, match="self:N"):
         selfgen.parse("self:0")
+
+
+def test_an_unreachable_dataset_names_the_local_forms(tmp_path):
+    """Offline, a hub id fails with the forms that work without the hub (issue 23)."""
+    with pytest.raises(data.DataError, match="name a local text"):
+        data.load_text("no-such-dataset-anywhere:cfg:train")
+    with pytest.raises(data.DataError) as e:                    # a local folder: no hint, the folder is named
+        data.load_text(f"{tmp_path}:cfg:train")
+    assert "name a local text" not in str(e.value)
