@@ -18,6 +18,8 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+import sasq
+
 
 # --------------------------------------------------------------------------- 1. SmoothQuant
 
@@ -134,8 +136,11 @@ def rotate(model, seed=0):
          readers (wq, wk, wv, w1, w3, head) take W @ Q (input side).
       c. w2's input z becomes z @ H at run time (FeedForward.w2_in) and W2 @ H offline.
       d. each head's values become v @ H_hd: wv's rows per kv head and wo's columns per head.
-    Every weight is transformed in float64 and rounded once."""
+    Every weight is transformed in float64 and rounded once. The model remembers what it was rotated from
+    (`rotated_from`), so its fingerprint names the original weights and the signs, not bits of the float64
+    arithmetic that differ between a GPU and a CPU."""
     a, p = model.args, model.tok_embeddings.weight
+    base = sasq.fingerprint(model)
     signs = (torch.randint(0, 2, (a.dim,), generator=torch.Generator().manual_seed(seed)) * 2 - 1).to(p.device, torch.float64)
     q_in = lambda w: hadamard(w * signs)                                       # W @ Q      # noqa: E731
     q_out = lambda w: hadamard(w.T * signs).T                                  # Q.T @ W    # noqa: E731
@@ -169,4 +174,5 @@ def rotate(model, seed=0):
         ff.w2_in = Hadamard(a.hidden_dim).to(p.device)
     for norm in (model.norm, *(n for layer in model.layers for n in (layer.attention_norm, layer.ffn_norm))):
         norm.weight.fill_(1.0)
+    model.rotated_from = (base, seed)
     return model

@@ -70,6 +70,9 @@ def setup(device: str):
         return None, device
     gpu = device.startswith("cuda")
     local = int(os.environ.get("LOCAL_RANK", 0))
+    if gpu and local >= torch.cuda.device_count():
+        raise ValueError(f"torchrun started process {local} on this machine, which has {torch.cuda.device_count()} "
+                         f"GPU(s): one process per GPU (--nproc-per-node), or --device cpu")
     if gpu:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if gpu else "gloo", device_id=torch.device("cuda", local) if gpu else None)

@@ -312,9 +312,14 @@ class ScalesError(Exception):
     """A scales file that is unreadable or belongs to another model / configuration."""
 
 
-def fingerprint(model) -> str:
+def fingerprint(model, raw=False) -> str:
     """A short id of the weights: the config and a strided sample (~4k values) of every float weight, rounded
-    to bf16, so the id is the same for fp32 and bf16 loads but changes for a fine-tune or a merged LoRA."""
+    to bf16, so the id is the same for fp32 and bf16 loads but changes for a fine-tune or a merged LoRA.
+    A rotated model's id is that of the weights it was rotated from and the seed (`raw`: of its own weights,
+    as files written before this rule recorded)."""
+    if getattr(model, "rotated_from", None) and not raw:
+        base, seed = model.rotated_from
+        return hashlib.sha256(f"{base} rotated with seed {seed}".encode()).hexdigest()[:16]
     h = hashlib.sha256(json.dumps(asdict(model.args), sort_keys=True).encode())
     skip = {id(p) for m in model.modules() if isinstance(m, ActQuantizer) for p in m.parameters()}
     for p in model.parameters():
@@ -396,7 +401,7 @@ def read_config(path) -> QuantConfig:
 def load(path, model):
     """Attach quantizers to `model` with the scales stored in `path`; refuses a file for another model."""
     meta, tensors, cfg = _read(path)
-    if meta.get("fingerprint") != fingerprint(model):
+    if meta.get("fingerprint") not in (fingerprint(model), fingerprint(model, raw=True)):
         raise ScalesError(f"{path}: these scales belong to another model (fingerprint "
                           f"{meta.get('fingerprint')}, this model is {fingerprint(model)})")
     quantizers = attach(model, cfg)
