@@ -1,8 +1,9 @@
-"""SASQ on several GPUs: train.py under torchrun, the frozen weights sharded by FSDP2.
+"""SASQ on several GPUs: train.py's recipe under torchrun, the frozen weights sharded by FSDP2. The options
+are train.py's (`python fsdp.py --help` lists them).
 
-    torchrun --nproc-per-node 2 train.py --ckpt llama-2-13b --checkpointing      # one node, 2 GPUs
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
-    torchrun --nproc-per-node 4 fsdp.py --shape 70b --checkpointing             # speed/memory, random weights
+    torchrun --nproc-per-node 2 fsdp.py --ckpt llama-2-13b --checkpointing      # one node, 2 GPUs
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 fsdp.py ...
+    torchrun --nproc-per-node 4 bench_train.py --shape 70b --checkpointing      # speed/memory, random weights
 
 What changes against one process, and why it stays the same method:
   1. Loading: rank 0 reads the checkpoint into host memory (one copy per node, not one per rank) and cuts
@@ -17,17 +18,19 @@ What changes against one process, and why it stays the same method:
   4. Calibration: each rank observes its slice of every calibration batch; an all-reduce MAX of the
      per-batch absmax rows gives exactly the rows one process computes, so max and mean inits agree.
   5. Rank 0 alone prints and writes (scales, state, logs); every rank reads the state on --resume.
-With world size 1 each of these is the identity: train.py's single-process code path.
+With world size 1 each of these is the identity: train.py's single-process code path, which this file
+uses (train.prepare, train.run, train.train_scales take a `comm`; they never import this file).
 """
-import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
+import cli
 import model as llama
+import sasq
+import train
 
 
 class Comm:
@@ -56,6 +59,18 @@ class Comm:
         flat /= self.world
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p))
+
+    def calibrate(self, model, quantizers, wins, batch_size, method, trunc_mult, progress=True):
+        """sasq.calibrate over world x batch_size windows a batch: each rank observes its slice of every
+        batch (a trailing partial batch is dropped), and a MAX all-reduce of the per-batch rows gives the
+        rows one process records, so the init is exactly one process's."""
+        step = batch_size * self.world
+        mine = [wins[i + self.rank * batch_size:][:batch_size] for i in range(0, len(wins) - len(wins) % step, step)]
+        stats = sasq.observe(model, torch.cat(mine), batch_size, progress)
+        for s in stats:
+            for rows in s.values():
+                self.max_(rows)
+        sasq.init_scales(quantizers, stats, method, trunc_mult)
 
     def broadcast(self, obj):
         box = [obj]
@@ -103,7 +118,6 @@ def fill_from_rank0(model, full_state):
 def load(a, comm, device, prepare):
     """The distributed counterpart of train.prepare: rank 0 loads on the CPU and makes the windows; every
     rank gets a sharded model and the same windows. Returns (model, train, calib, held, fingerprint)."""
-    import sasq
     if comm.rank == 0:
         cpu, train, calib, held = prepare(a, "cpu")
         meta = (cpu.args, train, calib, held, sasq.fingerprint(cpu))
@@ -122,67 +136,21 @@ def load(a, comm, device, prepare):
     return model, train, calib, held, fp
 
 
-# --------------------------------------------------------------------------- speed and memory at 13B / 70B
-
-SHAPES = {"tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=256), "7b": dict(), "13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824),
-          "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672)}
-
-
-def bench(argv=None):
-    """Train SASQ scales for a few steps on a LLaMA-2 shape with random weights, built sharded (no rank ever
-    holds the whole model): seconds per step, tokens/s, MFU (6N per token over the N decoder linear
-    weights; attention and the head not counted) and peak memory per GPU."""
-    import sasq
-    import train
-    p = argparse.ArgumentParser(description=bench.__doc__)
-    p.add_argument("--shape", choices=SHAPES, default="13b")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per GPU")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=6, help="timed steps after 2 warm-up steps")
-    p.add_argument("--header", action="store_true", help="print the table header first")
-    p.add_argument("--checkpointing", action="store_true")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of one GPU")
-    a = p.parse_args(argv)
-    import cli
-    cli.check_args(p, a)
-    comm, device = setup("cuda" if torch.cuda.is_available() else "cpu")
-    if a.header:
-        print("| shape | GPUs | batch per GPU | checkpointing | s/step | tokens/s | MFU | peak GiB per GPU |\n|---|---|---|---|---|---|---|---|")
-    world = comm.world if comm else 1
-    args = llama.ModelArgs(**SHAPES[a.shape])
-    with torch.device("meta"):
-        model = llama.Transformer(args).to(torch.bfloat16)
-    model.checkpointing = a.checkpointing
-    if comm:
-        shard(model, device)
-    else:
-        model.to_empty(device=device).init_rope(device)
-        model.requires_grad_(False)
-    with torch.no_grad():
-        for name, prm in model.named_parameters():    # random weights on each shard (only shapes matter)
-            local = prm.to_local() if hasattr(prm, "to_local") else prm
-            local.fill_(1.0) if name.endswith("norm.weight") else local.normal_(0, 0.02)
-    qs = sasq.attach(model, sasq.QuantConfig())
-    wins = torch.randint(args.vocab_size, (64, a.seq_len + 1))
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    train.train_scales(model, qs, wins, 2, a.batch_size, 2e-2, device=device, progress=False, comm=comm)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    train.train_scales(model, qs, wins, a.steps, a.batch_size, 2e-2, device=device, progress=False, comm=comm)
-    sync()
-    sec = (time.perf_counter() - t0) / a.steps
-    hd = args.dim // args.n_heads       # decoder linear weights per layer: q, o; k, v; w1, w2, w3
-    n = args.n_layers * (2 * args.dim * args.n_heads * hd + 2 * args.dim * args.n_kv_heads * hd + 3 * args.dim * args.hidden_dim)
-    tokens = world * a.batch_size * a.seq_len
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    mfu = tokens / sec * 6 * n / (world * a.peak_tflops * 1e12)
-    print(f"| {a.shape} | {world} | {a.batch_size} | {int(a.checkpointing)} | {sec:.3f} | {tokens / sec:,.0f} | "
-          f"{mfu:.2f} | {peak:.1f} |")
-    if comm:
+def main(argv=None):
+    a = train.parse_args(argv)
+    if "RANK" not in os.environ:
+        raise ValueError("fsdp.py runs under torchrun (torchrun --nproc-per-node N fsdp.py ...); one process: train.py")
+    if a.rotate:
+        raise ValueError("--rotate is not supported under torchrun yet; rotate on one GPU (train.py)")
+    torch.manual_seed(a.seed)
+    comm, a.device = setup(a.device)
+    try:
+        model, train_wins, calib_wins, held, fingerprint = load(a, comm, a.device, train.prepare)
+        print(f"{comm.world} processes, FSDP2: global batch {comm.world} x {a.batch_size} windows")
+        train.run(a, model, train_wins, calib_wins, held, fingerprint, comm)
+    finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    bench()
+    cli.run(main)

@@ -3,7 +3,7 @@
 The model uses Meta's parameter names and Meta's RoPE layout (adjacent pairs). Loaders read Meta's
 download, Hugging Face folders, GGUF files and hub ids, and all end the same way: the model is built
 on the meta device and the checkpoint's tensors are assigned into it (no second copy in memory).
-This file knows nothing about quantization; sasq.py attaches to the model from outside.
+The tokenizers are in tokenizer.py. This file knows nothing about quantization; sasq.py attaches to the model from outside.
 """
 import glob
 import importlib.util
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import tokenizer
 
 
 class CheckpointError(Exception):
@@ -227,72 +229,6 @@ class Transformer(nn.Module):
             self.setup_cache(0, 0)
 
 
-# --------------------------------------------------------------------------- tokenizers
-
-class Tokenizer:
-    """One interface over SentencePiece (`tokenizer.model`) and HF `tokenizers` (tokenizer.json, GGUF BPE)."""
-
-    def __init__(self, backend, bos_id, eos_id, add_bos: bool):
-        self.backend, self.bos_id, self.eos_id, self.add_bos = backend, bos_id, eos_id, add_bos
-
-    @classmethod
-    def from_sentencepiece(cls, path):
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-        return cls(sp, sp.bos_id(), sp.eos_id(), add_bos=True)
-
-    @classmethod
-    def from_tokenizer_json(cls, path, bos_id, eos_id, add_bos):
-        from tokenizers import Tokenizer as HFTokenizer
-        return cls(HFTokenizer.from_file(str(path)), bos_id, eos_id, add_bos)
-
-    @classmethod
-    def from_gguf(cls, reader):
-        """Rebuild a GPT-2-style byte-level BPE from the vocabulary and merges stored in a GGUF."""
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-        fields = reader.fields
-        kind, pre = fields["tokenizer.ggml.model"].contents(), fields.get("tokenizer.ggml.pre")
-        pre = pre.contents() if pre is not None else "gpt2"
-        if kind != "gpt2" or pre not in GGUF_PRETOKENIZERS:
-            raise CheckpointError(f"GGUF tokenizer {kind}/{pre} is not supported; "
-                                  "put its tokenizer.model next to the .gguf file")
-        tokens = fields["tokenizer.ggml.tokens"].contents()
-        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
-        tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-        tok.pre_tokenizer = pre_tokenizers.Sequence(GGUF_PRETOKENIZERS[pre]())
-        tok.decoder = decoders.ByteLevel()
-        types = fields["tokenizer.ggml.token_type"].contents()
-        tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3])
-        get = lambda k, d: fields[k].contents() if k in fields else d  # noqa: E731
-        return cls(tok, get("tokenizer.ggml.bos_token_id", None), get("tokenizer.ggml.eos_token_id", None),
-                   add_bos=bool(get("tokenizer.ggml.add_bos_token", True)))
-
-    def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        bos = self.add_bos if bos is None else bos
-        if hasattr(self.backend, "encode_as_ids"):
-            ids = self.backend.encode_as_ids(text)
-        else:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
-
-    def decode(self, ids) -> str:
-        return self.backend.decode(list(ids))
-
-
-def _pretok_gpt2():
-    from tokenizers import pre_tokenizers as pt
-    return [pt.ByteLevel(add_prefix_space=False)]
-
-
-def _pretok_digits():
-    from tokenizers import pre_tokenizers as pt
-    return [pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]
-
-
-# llama.cpp's `tokenizer.ggml.pre` names the pre-tokenizer; the ones we can rebuild:
-GGUF_PRETOKENIZERS = {"gpt2": _pretok_gpt2, "smollm": _pretok_digits}
-
-
 # --------------------------------------------------------------------------- checkpoint readers
 
 def _permute_hf_to_meta(w, n_heads):
@@ -390,7 +326,7 @@ def read_meta(folder):
     if tok_path is None:
         raise CheckpointError(f"{folder}: no tokenizer.model in the folder or its parent (Meta's download "
                               "keeps it one level above the model folder)")
-    return args, sd, Tokenizer.from_sentencepiece(tok_path)
+    return args, sd, tokenizer.Tokenizer.from_sentencepiece(tok_path)
 
 
 def read_hf(folder):
@@ -416,18 +352,7 @@ def read_hf(folder):
             key = f"layers.{i}.attention.{name}.weight"
             if key in sd and sd[key].shape[0] == n * hd:
                 sd[key] = _permute_hf_to_meta(sd[key], n)
-    return args, sd, _hf_tokenizer(folder, cfg)
-
-
-def _hf_tokenizer(folder, cfg):
-    tc_path = os.path.join(folder, "tokenizer_config.json")
-    tc = json.load(open(tc_path)) if os.path.exists(tc_path) else {}
-    if os.path.exists(os.path.join(folder, "tokenizer.model")):
-        return Tokenizer.from_sentencepiece(os.path.join(folder, "tokenizer.model"))
-    if os.path.exists(os.path.join(folder, "tokenizer.json")):
-        return Tokenizer.from_tokenizer_json(os.path.join(folder, "tokenizer.json"), cfg.get("bos_token_id"),
-                                             cfg.get("eos_token_id"), tc.get("add_bos_token", True))
-    raise CheckpointError(f"{folder}: no tokenizer.model or tokenizer.json")
+    return args, sd, tokenizer.from_hf_folder(folder, cfg)
 
 
 def read_gguf(path):
@@ -446,14 +371,16 @@ def read_gguf(path):
     args = _config(ModelArgs.from_gguf, path, reader, has_output="output.weight" in sd)
     sp = os.path.join(os.path.dirname(path), "tokenizer.model")
     if os.path.exists(sp):
-        return args, sd, Tokenizer.from_sentencepiece(sp)
+        return args, sd, tokenizer.Tokenizer.from_sentencepiece(sp)
     missing = [k for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
                            "tokenizer.ggml.token_type") if k not in reader.fields]
     if missing:
         raise CheckpointError(f"{path}: GGUF without tokenizer fields {', '.join(missing)}; "
                               "put a tokenizer.model next to it")
     try:
-        return args, sd, Tokenizer.from_gguf(reader)
+        return args, sd, tokenizer.Tokenizer.from_gguf(reader)
+    except tokenizer.TokenizerError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:   # the tokenizers library panics (a BaseException) on an inconsistent vocabulary

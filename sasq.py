@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -131,8 +132,8 @@ class ActQuantizer(nn.Module):
         if not self.per_token(x):                             # SASQ: static scales, fixed before inference
             s = self.scale()
             return quantize(x, s, self.bits), s
-        if self.mode == "static":                             # a static model's decode step, dynamic:
-            x = x / self.scale()                              # the folded model's activation (export.py)
+        if self.mode == "static":        # a static model decoding with per-token scales (--decode dynamic): the
+            x = x / self.scale()         # folded model's weights are W * s, so its activation is x / s (export.py)
         # the dynamic baseline: a max over channels, every token, at run time
         s = token_scale(x, self.bits, self.clip)
         return quantize(x, s, self.bits), s
@@ -165,15 +166,15 @@ class QuantLinear(nn.Module):
         w = self.linear.weight
         if self.act.mode == "static" and self.act.bits is not None:
             w = w * self.act.scale()                          # fold s into the input columns of W
-        wq, sw = quantize_weight(w, self.wbits)
-        return wq.to(self.linear.weight.dtype), sw       # codes <= 127 are exact in bf16 too
+        codes, sw = quantize_weight(w, self.wbits)
+        return codes.to(self.linear.weight.dtype), sw    # codes <= 127 are exact in bf16 too
 
     def forward(self, x):
         if self.bypass:
             return self.linear(x)
         q, s = self.act(x)
-        wq, sw = self.folded_weight()
-        y = F.linear(q.to(wq.dtype), wq)                      # the int8 GEMM (exact in fp32 accumulation)
+        codes, sw = self.folded_weight()
+        y = F.linear(q.to(codes.dtype), codes)                # the int8 GEMM (exact in fp32 accumulation)
         if sw is not None:
             y = y * sw.to(y.dtype)
         if s is not None and self.act.per_token(x):           # per-token scales stay outside the GEMM
@@ -183,19 +184,25 @@ class QuantLinear(nn.Module):
 
 # --------------------------------------------------------------------------- 4. attach / detach / freeze
 
-# The four quantization points per decoder layer: (sub-module, linears that read the activation, after a norm?
-# - the attention and FFN inputs, where the outliers live and the soft truncation applies)
-POINTS = {"attn": ("attention", ("wq", "wk", "wv"), True),       # after attention_norm
-          "wo":   ("attention", ("wo",), False),
-          "ffn":  ("feed_forward", ("w1", "w3"), True),          # after ffn_norm
-          "w2":   ("feed_forward", ("w2",), False)}
+class Point(NamedTuple):
+    """A quantization point: the sub-module of a decoder layer, the linears that read the activation, and
+    whether it follows a norm (the attention and FFN inputs: the soft truncation applies there)."""
+    sub: str
+    readers: tuple
+    after_norm: bool
+
+
+POINTS = {"attn": Point("attention", ("wq", "wk", "wv"), True),       # after attention_norm
+          "wo":   Point("attention", ("wo",), False),
+          "ffn":  Point("feed_forward", ("w1", "w3"), True),          # after ffn_norm
+          "w2":   Point("feed_forward", ("w2",), False)}
 
 
 def points(model):
     """Walk the quantization points: (layer index, point, the sub-module holding the readers, reader names)."""
     for i, layer in enumerate(model.layers):
-        for point, (sub, names, _) in POINTS.items():
-            yield i, point, getattr(layer, sub), names
+        for point, p in POINTS.items():
+            yield i, point, getattr(layer, p.sub), p.readers
 
 
 def attach(model, cfg: QuantConfig) -> nn.ModuleList:
@@ -205,7 +212,7 @@ def attach(model, cfg: QuantConfig) -> nn.ModuleList:
         at = model.layers[i].attention
         groups = (at.n_kv_heads, at.n_heads // at.n_kv_heads, at.head_dim) if point == "wo" and cfg.tied_wo else None
         per_channel = cfg.per_channel and not (point == "w2" and cfg.w2_tensor)
-        q = quantizers[i][point] = ActQuantizer(getattr(parent, names[0]).in_features, cfg, POINTS[point][2], groups,
+        q = quantizers[i][point] = ActQuantizer(getattr(parent, names[0]).in_features, cfg, POINTS[point].after_norm, groups,
                                                 per_channel)
         for n in names:
             setattr(parent, n, QuantLinear(getattr(parent, n), q, cfg.wbits))
@@ -257,43 +264,34 @@ def unfreeze(model):
 # --------------------------------------------------------------------------- 5. PTQ initialisation
 
 @torch.no_grad()
-def observe(model, wins, batch_size=1, progress=True, comm=None):
+def observe(model, wins, batch_size=1, progress=True):
     """The float model's per-channel absmax at every quantization point, one row per calibration batch:
     stats[layer][point] is (batches, dim) fp32. Forward pre-hooks on each point's first reader record it
-    (a point read by q, k and v is recorded once); attached quantizers are bypassed meanwhile.
-    With `comm` (fsdp.py) a batch is world x batch_size windows, each rank observes its slice, and a
-    MAX all-reduce makes the rows one process would record (a trailing partial batch is dropped)."""
+    (a point read by q, k and v is recorded once); attached quantizers are bypassed meanwhile."""
     from tqdm import tqdm
     stats = [{p: [] for p in POINTS} for _ in model.layers]
     record = lambda rows: lambda mod, args: rows.append(args[0].detach().abs().flatten(0, -2).amax(0).float())  # noqa: E731
     hooks = [getattr(parent, names[0]).register_forward_pre_hook(record(stats[i][point]))
              for i, point, parent, names in points(model)]
     device = next(model.parameters()).device
-    rank, world = (comm.rank, comm.world) if comm else (0, 1)
-    end = len(wins) - len(wins) % (batch_size * world) if comm else len(wins)
     try:
         with float_model(model):
-            for i in tqdm(range(0, end, batch_size * world), desc="calibrate", disable=None if progress else True,
+            for i in tqdm(range(0, len(wins), batch_size), desc="calibrate", disable=None if progress else True,
                           leave=False):
-                model(wins[i + rank * batch_size:i + (rank + 1) * batch_size].to(device))
+                model(wins[i:i + batch_size].to(device))
     finally:
         for h in hooks:
             h.remove()
-    stats = [{p: torch.stack(rows) for p, rows in s.items()} for s in stats]
-    for s in stats if comm else []:
-        for rows in s.values():
-            comm.max_(rows)
-    return stats
+    return [{p: torch.stack(rows) for p, rows in s.items()} for s in stats]
 
 
 INIT = "max"    # the PTQ init of the recipe (train.py --init); the paper's is "mean"
 
 
 @torch.no_grad()
-def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0, progress=True, comm=None):
-    """Initial static scales from calibration windows: per channel, `max` (or `mean`) over batches of
-    the batch's absmax, divided by qmax. Truncation thresholds start at trunc_mult x the absmax."""
-    stats = observe(model, wins, batch_size, progress, comm)
+def init_scales(quantizers, stats, method=INIT, trunc_mult=4.0):
+    """Initial static scales from observe()'s rows: per channel, `max` (or `mean`) over batches of the
+    batch's absmax, divided by qmax. Truncation thresholds start at trunc_mult x the absmax."""
     for q, a in ((quantizers[i][p], stats[i][p]) for i in range(len(stats)) for p in POINTS):
         if q.log_c is not None:
             q.log_c.copy_((trunc_mult * a.amax(0).clamp(min=1e-6)).log())
@@ -304,6 +302,11 @@ def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0
             a = a.view(-1, n_kv, n_rep, hd).amax(2).flatten(1)
         init = a.mean(0) if method == "mean" else a.amax(0)
         q.log_scale.copy_((init.clamp(min=1e-6) / qmax(q.bits or 8)).log())
+
+
+def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0, progress=True):
+    """PTQ initialisation: observe the float model on calibration windows, set the scales from what it saw."""
+    init_scales(quantizers, observe(model, wins, batch_size, progress), method, trunc_mult)
 
 
 # --------------------------------------------------------------------------- 6. saving and loading

@@ -3,7 +3,7 @@
     python train.py                         # the embedded default model (SmolLM2-135M), hub WikiText-2
     python train.py --ckpt llama-2-7b --checkpointing
     python train.py --rotate --abits 4 --loss kl     # static scales on the rotated model, distilled from fp
-    torchrun --nproc-per-node 4 train.py --ckpt llama-2-70b --checkpointing     # FSDP2 (fsdp.py)
+    torchrun --nproc-per-node 4 fsdp.py --ckpt llama-2-70b --checkpointing     # several GPUs: FSDP2, same options
 """
 import argparse
 import dataclasses
@@ -20,7 +20,6 @@ from tqdm import tqdm
 import baselines
 import cli
 import data
-import fsdp
 import model as llama
 import sasq
 import selfgen
@@ -222,8 +221,6 @@ def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device=
             if flag:
                 raise Stopped(f"{stop.flag or 'a signal to another rank'} after step {step + 1} of {steps}; state "
                               f"saved to {state_path}, continue with --resume")
-    # the method's contract: the pretrained weights neither receive gradients nor change
-    assert all(p.grad is None for p in model.parameters() if not any(p is q for q in params))
     return losses, first
 
 
@@ -272,28 +269,29 @@ def check_paths(p, a, state):
 
 def main(argv=None):
     a = parse_args(argv)
-    state = a.out + ".state.pt"
+    if "RANK" in os.environ:
+        raise ValueError("train.py is one process; under torchrun run fsdp.py with the same options")
     torch.manual_seed(a.seed)
-    comm, a.device = fsdp.setup(a.device)      # under torchrun: the process group, this rank's device
-    if comm and a.rotate:
-        raise ValueError("--rotate is not supported under torchrun yet; rotate on one GPU")
-    if comm:
-        model, train_wins, calib_wins, held, fingerprint = fsdp.load(a, comm, a.device, prepare)
-        base_fp = fingerprint
-        print(f"{comm.world} processes, FSDP2: global batch {comm.world} x {a.batch_size} windows")
-    else:
-        model, train_wins, calib_wins, held = prepare(a)
-        base_fp = sasq.fingerprint(model)      # of the model as loaded: eval.py checks it before rotating
-        if a.rotate:
-            baselines.rotate(model, a.seed)
-        fingerprint = sasq.fingerprint(model)
+    model, train_wins, calib_wins, held = prepare(a)
+    base_fp = sasq.fingerprint(model)          # of the model as loaded: eval.py checks it before rotating
+    if a.rotate:
+        baselines.rotate(model, a.seed)
+    run(a, model, train_wins, calib_wins, held, base_fp)
+
+
+def run(a, model, train_wins, calib_wins, held, base_fp, comm=None):
+    """The recipe once the model and windows are there: attach the quantizers, PTQ-initialise, train, save.
+    With `comm` (fsdp.py): `model` is sharded, the windows are every rank's, and rank 0 alone prints and writes."""
+    state = a.out + ".state.pt"
+    fingerprint = base_fp if comm else sasq.fingerprint(model)     # sharded: the unsharded model's id
     cfg = sasq.QuantConfig(wbits=a.wbits, abits=a.abits, truncation=not (a.no_truncation or a.deployable),
                            tied_wo=a.deployable, rotate=a.seed if a.rotate else None,
                            w2_tensor=a.deployable and a.rotate)
     quiet = bool(comm and comm.rank)
     fp_ppl = data.perplexity(model, held, a.batch_size, a.device, progress=not quiet)
     quantizers = sasq.attach(model, cfg)
-    sasq.calibrate(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult, progress=not quiet, comm=comm)
+    (comm.calibrate if comm else sasq.calibrate)(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult,
+                                                 progress=not quiet)
     ptq_ppl = heldout_ppl(model, held, a, comm)
     if a.device.startswith("cuda") and not a.no_compile and not comm:
         model.compile_blocks()       # identical blocks share one compiled graph; the first steps compile
@@ -318,20 +316,20 @@ def main(argv=None):
     print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s" +
           (f" (first step {first:.1f} s)" if first is not None else " (all steps were done before --resume)") +
           f"; training loss ({a.loss}), mean of the first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
-    if not quiet:                    # rank 0 writes; the scales are identical on every rank
-        from safetensors import SafetensorError
-        try:
-            sasq.save(a.out, model, quantizers, cfg, force=a.force, fingerprint_=fingerprint,
-                      extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib),
-                             "loss": a.loss, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl, "base_fingerprint": base_fp})
-        except (OSError, SafetensorError) as e:
-            raise SystemExit(f"error: cannot write {a.out} ({' '.join(str(e).split())[:120]}); the trained state is "
-                             f"in {state}: make room and run the same command with --resume to write the scales")
-        if os.path.exists(state):
-            os.remove(state)
+    if quiet:                        # rank 0 writes; the scales are identical on every rank
+        return
+    from safetensors import SafetensorError
+    try:
+        sasq.save(a.out, model, quantizers, cfg, force=a.force, fingerprint_=fingerprint,
+                  extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib),
+                         "loss": a.loss, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl, "base_fingerprint": base_fp})
+    except (OSError, SafetensorError) as e:
+        raise SystemExit(f"error: cannot write {a.out} ({' '.join(str(e).split())[:120]}); the trained state is "
+                         f"in {state}: make room and run the same command with --resume to write the scales")
+    if os.path.exists(state):
+        os.remove(state)
     print(f"scales saved to {a.out}")
-    if comm:
-        fsdp.dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     cli.run(main)

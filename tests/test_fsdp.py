@@ -1,4 +1,4 @@
-"""train.py under torchrun (FSDP2, gloo on the CPU, 2 processes) against one process with the same global
+"""fsdp.py (train.py's recipe) under torchrun (FSDP2, gloo on the CPU, 2 processes) against one process with the same global
 batch: the same calibration, the same first steps, rank 0 alone writes, and an interrupted run resumes to
 the same result."""
 import os
@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 
 def train(args, out, procs=1, batch=2, extra=(), wait=True):
     cmd = [sys.executable, "train.py"] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", "train.py"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", "fsdp.py"]
     p = subprocess.Popen(cmd + args + ["--batch-size", str(batch), "--out", str(out), *extra], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -201,8 +201,8 @@ def test_compiled_rmsnorm_writes_the_int8_codes(tmp_path):
     """With static scales torch.compile fuses each RMSNorm with the quantization after it: the norm kernel
     itself writes int8 codes (here inductor's C++ code; bench.py --profile reads the Triton code on a GPU)."""
     import bench
-    m = bench.build(bench.TINY, "cpu")
+    m = bench.build(bench.kern.TINY, "cpu")
     V = bench.variants(m, torch.randint(128, (2, 32)))
-    row, = bench.codegen(m, V, str(tmp_path), seq=16, which=("static int8",))
+    row, = bench.kern.codegen(m, V, str(tmp_path), seq=16, which=("static int8",))
     assert row["norm kernels"] == 2 and row["norm kernels writing int8"] == 2      # attention norm, FFN norm
     assert (tmp_path / "codegen-static-int8.txt").exists()

@@ -34,7 +34,8 @@ def test_meta_layout_matches_transformers(tmp_path, shards):
 
 
 def test_llama2_tokenizer_on_wikitext_test():
-    tok = model.Tokenizer.from_sentencepiece(SP_MODEL)
+    import tokenizer
+    tok = tokenizer.Tokenizer.from_sentencepiece(SP_MODEL)
     ids = tok.encode(data.load_text(TEST_SPEC))
     assert len(ids) == 341_469 and ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
     assert len(data.windows(ids, 2048)) == 166

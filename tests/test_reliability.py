@@ -211,10 +211,10 @@ def test_bench_tiny_uses_the_cpu_on_a_gpu_machine(monkeypatch, tmp_path):
 def test_torchrun_ranks_but_rank_0_stay_silent_on_a_bad_option():
     """#18: under torchrun each rank parses the command line; only rank 0 prints the usage error."""
     env = {**os.environ, "RANK": "1"}
-    r = subprocess.run([sys.executable, "train.py", "--bogus"], cwd=ROOT, capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "fsdp.py", "--bogus"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stderr == ""
     env["RANK"] = "0"
-    r = subprocess.run([sys.executable, "train.py", "--bogus"], cwd=ROOT, capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "fsdp.py", "--bogus"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
 
 
