@@ -141,12 +141,12 @@ def sharded(argv=None):
     holds the whole model): seconds per step, tokens/s, MFU (6N per token over the N decoder linear
     weights; attention and the head not counted) and peak memory per GPU."""
     p = argparse.ArgumentParser(description=sharded.__doc__)
-    p.add_argument("--shape", choices=SHAPES, default="13b")
+    p.add_argument("--shape", choices=SHAPES, default="13b", help="LLaMA-2 shape, random weights (default 13b)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per GPU")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--steps", type=int, default=6, help="timed steps after 2 warm-up steps")
     p.add_argument("--header", action="store_true", help="print the table header first")
-    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of one GPU")
     a = p.parse_args(argv)
     cli.check_args(p, a)

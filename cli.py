@@ -67,6 +67,9 @@ def run(main):
     """Script entry point: an error the user can fix (path, file, data, scales, value) becomes one
     'error:' line on stderr and exit status 1; --debug shows the traceback instead."""
     from safetensors import SafetensorError
+    sys.stdout.reconfigure(line_buffering=True)      # sent to a file, each result line arrives when printed
+    if not sys.stderr.isatty():                      # and the progress bars write a line every 30 s, not 10/s
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     try:
         main()
     except (model.CheckpointError, data.DataError, sasq.ScalesError, ValueError, OSError, SafetensorError) as e:

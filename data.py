@@ -16,6 +16,8 @@ Rows of a dataset are joined with "\\n\\n", tokenized once, and cut into non-ove
 """
 import math
 import os
+import socket
+import urllib.parse
 
 import torch
 from tqdm import tqdm
@@ -83,14 +85,33 @@ def load_text(spec: str) -> str:
             raise DataError(f"{spec}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     source, config, split = (spec.split(":") + [None, None])[:3]
     import datasets
-    try:
+    online = os.path.isdir(source) or hub_reachable()
+    offline_before, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE or not online
+    try:                     # offline: the cache answers at once, instead of ~25 s of retries first
         rows = datasets.load_dataset(source, config, split=split or "test")["text"]
     except Exception as e:   # datasets raises many types (FileNotFound, ValueError, connection errors)
-        hint = "" if os.path.isdir(source) else (" (no hub here? name a local text: a file, or a folder in the hub's "
-                                                  "layout as FOLDER:CONFIG:SPLIT)")
+        hint = "" if os.path.isdir(source) else (
+            " (no local copy, and the Hugging Face hub is not reachable from here" if not online else " (no hub here?") + \
+            "; name a local text: a file, or a folder in the hub's layout as FOLDER:CONFIG:SPLIT, e.g. " \
+            "../shared/data/wikitext:wikitext-2-v1:validation)"
         raise DataError(f"{spec}: cannot load dataset {source!r} config {config!r} split {split!r} "
                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]}){hint}") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline_before
     return "\n\n".join(rows)
+
+
+def hub_reachable(timeout=3.0) -> bool:
+    """Does the Hugging Face hub (HF_ENDPOINT) take a TCP connection? One try, `timeout` seconds; the
+    offline variables say no without trying."""
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def windows(ids, seq_len: int, limit: int | None = None) -> torch.Tensor:
@@ -125,7 +146,7 @@ def token_windows(tokenizer, spec: str, seq_len: int, limit: int | None = None) 
 def perplexity(model, wins: torch.Tensor, batch_size: int = 1, device="cpu", progress=True) -> float:
     """exp(total NLL / predicted tokens); each window predicts its own tokens 1..T-1."""
     nll, count = 0.0, 0
-    for i in tqdm(range(0, len(wins), batch_size), desc="perplexity", disable=None if progress else True, leave=False):
+    for i in tqdm(range(0, len(wins), batch_size), desc="perplexity", disable=not progress, leave=False):
         x = wins[i:i + batch_size].to(device)
         logits = model(x[:, :-1])[0]
         nll += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(),

@@ -26,6 +26,7 @@ import torch
 import baselines
 import cli
 import data
+import kvquant
 import model as llama
 import sasq
 
@@ -80,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--greedy", type=int, default=0, help="greedy agreement with fp on N prompts from the test text")
     p.add_argument("--decode", choices=("static", "dynamic"), default="static", help="SASQ rows: scales of "
                    "one-token decode steps (dynamic: static prefill, per-token dynamic decode)")
+    p.add_argument("--kv-baselines", action="store_true", help="each scales file with KV-cache scales "
+                   "(train.py --kv-bits) is also scored with a float cache, a per-token dynamic one and PTQ max "
+                   "KV scales, its activation scales unchanged")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     cli.check_args(p, a)
@@ -153,10 +157,15 @@ def attach_mode(model, tok, mode, a):
         qs, cfg = sasq.load(mode[1], model)
         for q in (q for qs_ in qs for q in qs_.values()):
             q.decode = a.decode
+        kv_how = mode[2] if len(mode) > 2 else "trained"
+        kv, kv_cfg = kvquant.load(mode[1], model, qs, None if kv_how == "trained" else kv_how) if kv_how != "off" else (None, None)
+        if kv_how == "ptq":
+            kvquant.calibrate(model, kv, calib_windows(tok, a), batch_size=4)
         label = f"SASQ W{cfg.wbits}A{cfg.abits}" + (" deployable" if cfg.tied_wo and not cfg.truncation else
                                                    "" if cfg.truncation else " no truncation") + \
             (" + rotation" if rotate is not None else "") + \
-            (" decode dynamic" if a.decode == "dynamic" else "") + f" [{os.path.basename(mode[1])}]"
+            (" decode dynamic" if a.decode == "dynamic" else "") + (f" {kvquant.label(kv_cfg, kv_how)}" if kv else "") + \
+            (" float KV cache" if kv_how == "off" else "") + f" [{os.path.basename(mode[1])}]"
         if a.int8:
             import int8
             int8.convert(model)
@@ -183,6 +192,7 @@ def detach_mode(model, a):
         import int8
         int8.revert(model)
     sasq.detach(model)
+    kvquant.detach(model)
 
 
 class HFModel:
@@ -270,7 +280,8 @@ def main(argv=None):
     if a.prompt:
         ctx["prompt"] = torch.tensor([tok.encode(a.prompt)], device=a.device)
     rows = []
-    for mode in modes + [("scales", s) for s in a.scales]:
+    kv_rows = [("scales", s, how) for s in a.scales if a.kv_baselines and kvquant.read_config(s) for how in ("off", "token", "ptq")]
+    for mode in modes + [("scales", s) for s in a.scales] + kv_rows:
         m, label, *bits = attach_mode(model, tok, mode, a)
         rows.append(score(m, label, bits, wins, a, ctx))
         detach_mode(m, a)

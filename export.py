@@ -13,7 +13,8 @@ channel in its output, so a per-channel scale s folds into that op exactly:
   wo input         softmax(q k^T) v, head by head ->  rows of wv / s_wo  (one scale per kv channel: GQA)
   w2 input         silu(w1 x) * (w3 x)            ->  rows of w3 / s_w2
 Each activation then arrives already divided by its scale and is quantized with input_scale = 1. The
-int8 weight codes are exactly the codes of W * s that SASQ trained with; dividing the rows of wv and
+int8 weight codes are exactly the codes of W * s that SASQ trained with (W in the precision of training,
+which the scales file records; --dtype sets only the float tensors); dividing the rows of wv and
 w3 changes only their per-row weight_scale, never their codes. c * tanh(x / c) has no such home:
 scales trained with it are refused (train with `train.py --deployable`).
 """
@@ -26,6 +27,7 @@ import torch
 
 import cli
 import data
+import kvquant
 import model as llama
 import sasq
 
@@ -244,8 +246,9 @@ def write_folder(out, sd: dict, config: dict, tok, force=False):
         shutil.rmtree(aside)
 
 
-def export(model, tok, out, quantizers=None, dtype=torch.bfloat16, force=False):
-    """Write `model` (with SASQ quantizers attached: the folded static W8A8 model) as an HF folder."""
+def export(model, tok, out, quantizers=None, dtype=torch.bfloat16, force=False, kv=None):
+    """Write `model` (with SASQ quantizers attached: the folded static W8A8 model) as an HF folder; `kv`:
+    static KV-cache quantizers (kvquant.py), written as compressed-tensors' kv_cache_scheme."""
     a = model.args
     if quantizers is None:
         sd = {k: v for k, v in model.state_dict().items()}
@@ -263,6 +266,9 @@ def export(model, tok, out, quantizers=None, dtype=torch.bfloat16, force=False):
         if transform:
             config["quantization_config"]["transform_config"] = TRANSFORM_CONFIG
             hf.update({k: v.to(dtype) for k, v in transform.items()})
+        if kv is not None:
+            config["quantization_config"]["kv_cache_scheme"] = kvquant.kv_cache_scheme(kvquant.config(kv))
+            hf.update(kvquant.export_tensors(kv))
     write_folder(out, {k: v.cpu() for k, v in hf.items()}, config, tok, force)
 
 
@@ -293,8 +299,16 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     dtype = getattr(torch, a.dtype)
-    model, tok = llama.load(a.ckpt, "cpu", dtype)
-    quantizers = None
+    # the int8 codes are those of W * s: W in the precision the scales were trained with (train.py records it;
+    # bf16 weights give other codes than fp32 ones, 2.3 % of them for SmolLM2), whatever --dtype the floats get
+    trained = json.loads(sasq.read_meta(a.scales)[0].get("extra", "{}")).get("dtype") if a.scales else None
+    kv_cfg = kvquant.read_config(a.scales) if a.scales else None
+    if kv_cfg is not None:                       # before loading: engines take 8-bit per-tensor KV scales only
+        kvquant.kv_cache_scheme(kv_cfg)
+    model, tok = llama.load(a.ckpt, "cpu", getattr(torch, trained) if trained else dtype)
+    if a.scales and not trained:
+        print(f"{a.scales} does not record the weights' precision it was trained in: codes from {a.dtype} weights")
+    quantizers = kv = None
     if a.scales:
         cfg = sasq.read_config(a.scales)
         check_foldable(cfg, model.args)          # before attaching: one line, nothing written
@@ -302,8 +316,10 @@ def main(argv=None):
             import baselines
             baselines.rotate(model, cfg.rotate)
         quantizers, _ = sasq.load(a.scales, model)
-    export(model, tok, a.out, quantizers, dtype, a.force)
-    kind = "SASQ static W8A8 (compressed-tensors)" if a.scales else f"plain {a.dtype}"
+        kv, _ = kvquant.load(a.scales, model, quantizers)
+    export(model, tok, a.out, quantizers, dtype, a.force, kv)
+    kind = ("SASQ static W8A8" + (f" + static KV{kv_cfg['bits']} {kv_cfg['format']}" if kv_cfg else "") +
+            " (compressed-tensors)") if a.scales else f"plain {a.dtype}"
     print(f"wrote {kind} Hugging Face folder {a.out}")
 
 

@@ -140,8 +140,8 @@ def main(argv=None):
     a = train.parse_args(argv)
     if "RANK" not in os.environ:
         raise ValueError("fsdp.py runs under torchrun (torchrun --nproc-per-node N fsdp.py ...); one process: train.py")
-    if a.rotate:
-        raise ValueError("--rotate is not supported under torchrun yet; rotate on one GPU (train.py)")
+    if a.rotate or a.kv_bits:
+        raise ValueError("--rotate and --kv-bits are not supported under torchrun yet; use one GPU (train.py)")
     torch.manual_seed(a.seed)
     comm, a.device = setup(a.device)
     try:

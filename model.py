@@ -105,6 +105,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache = None      # (k, v) buffers (B, n_kv_heads, length, head_dim) while decoding
+        self.k_in, self.v_in = nn.Identity(), nn.Identity()   # K (after RoPE) and V as they enter the cache: kvquant.py
 
     def forward(self, x, cos, sin, pos=0):
         B, T, _ = x.shape
@@ -114,6 +115,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # SDPA wants (B, H, T, D); enable_gqa lets n_heads query heads share n_kv_heads k/v heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = self.k_in(k), self.v_in(v)
         if self.cache is not None:          # decoding: keep k/v of positions pos..pos+T, attend to 0..pos+T
             self.cache[0][:B, :, pos:pos + T], self.cache[1][:B, :, pos:pos + T] = k, v
             k, v = self.cache[0][:B, :, :pos + T], self.cache[1][:B, :, :pos + T]

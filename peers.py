@@ -58,11 +58,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, help="the plain HF folder (export.py without --scales)")
     p.add_argument("--out", required=True, help="folder for one compressed-tensors folder per recipe")
-    p.add_argument("--recipes", default="w8a8-dynamic,w8a8-static-tensor,w8a8-static-tensor-sq")
+    p.add_argument("--recipes", default="w8a8-dynamic,w8a8-static-tensor,w8a8-static-tensor-sq",
+                   help="comma-separated llm-compressor recipes (default %(default)s)")
     p.add_argument("--calib", default=data.CALIB, help="calibration text, as train.py's")
     p.add_argument("--calib-windows", type=int, default=16, help="as train.py's PTQ initialisation")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration window (default %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when a GPU is visible)")
     p.add_argument("--force", action="store_true", help="replace recipe folders that exist under --out")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)

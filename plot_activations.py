@@ -28,13 +28,14 @@ def parse_args(argv=None):
     p.add_argument("--scales", default=None, help="trained scales from train.py (default: PTQ init only)")
     p.add_argument("--text", default=data.TEST, help="text whose activations are shown (default %(default)s)")
     p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text when --scales is not given")
-    p.add_argument("--windows", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=2, help="windows of --text whose activations are shown (default 2)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: four across depth)")
     p.add_argument("--points", default=",".join(sasq.POINTS), help="subset of %(default)s")
     p.add_argument("--out", default="plots", help="folder for the PNGs")
     p.add_argument("--force", action="store_true", help="replace plots that exist in --out")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when a GPU is visible)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     cli.check_args(p, a)
@@ -149,13 +150,27 @@ def plot_point(path, title, q, x):
     plt.close(fig)
 
 
+def depth_stats(depth, point):
+    """Per layer: max |x| (max over windows), p99.9 (mean over windows), the same after; (layers, (n, 4))."""
+    layers = sorted(i for i, p in depth if p == point)
+    return layers, torch.tensor([[max(r[0] for r in depth[i, point]), sum(r[1] for r in depth[i, point]) / len(depth[i, point]),
+                                  max(r[2] for r in depth[i, point]), sum(r[3] for r in depth[i, point]) / len(depth[i, point])]
+                                 for i in layers])
+
+
+def print_spikes(depth, points, top=2):
+    """The layers where max |x| is largest, against the bulk (p99.9): what the depth figure shows, in numbers."""
+    print(f"\n{'point':>5} {'layer':>5} {'max|x|':>9} {'p99.9':>9} {'ratio':>8}   (the {top} largest max |x| across depth)")
+    for point in points:
+        layers, st = depth_stats(depth, point)
+        for j in st[:, 0].argsort(descending=True)[:top].tolist():
+            print(f"{point:>5} {layers[j]:>5} {st[j, 0]:>9.1f} {st[j, 1]:>9.2f} {st[j, 0] / st[j, 1]:>7.0f}x")
+
+
 def plot_depth(path, depth, points, label):
     fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 3.5), squeeze=False)
     for ax, point in zip(axes[0], points):
-        layers = sorted(i for i, p in depth if p == point)
-        stats = torch.tensor([[max(r[0] for r in depth[i, point]), sum(r[1] for r in depth[i, point]) / len(depth[i, point]),
-                               max(r[2] for r in depth[i, point]), sum(r[3] for r in depth[i, point]) / len(depth[i, point])]
-                              for i in layers])
+        layers, stats = depth_stats(depth, point)
         for col, name, style in ((0, "max |x| fp", "C0-"), (1, "p99.9 fp", "C0:"),
                                  (2, f"max |x| {label}", "C1-"), (3, f"p99.9 {label}", "C1:")):
             ax.plot(layers, stats[:, col].numpy(), style, label=name)
@@ -197,6 +212,7 @@ def main(argv=None):
                   f"{st['max_reduction']:>9.1%}")
             paths.append(os.path.join(a.out, f"layer{i:02d}_{point}.png"))
             plot_point(paths[-1], f"layer {i} {point} ({label})", q, x)
+    print_spikes(depth, points)
     paths.append(os.path.join(a.out, "depth.png"))
     plot_depth(paths[-1], depth, points, label)
     print("\n".join(["wrote:", *paths]))

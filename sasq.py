@@ -235,8 +235,9 @@ def quant_linears(model):
 
 @contextlib.contextmanager
 def float_model(model):
-    """Inside this block the model runs in float: every QuantLinear is bypassed (calibration, KL teacher)."""
-    qls = quant_linears(model)
+    """Inside this block the model runs in float: every QuantLinear (and KV-cache quantizer, kvquant.py) is
+    bypassed (calibration, KL teacher)."""
+    qls = [m for m in model.modules() if hasattr(m, "bypass")]
     before = [m.bypass for m in qls]          # nested blocks restore what they found
     for m in qls:
         m.bypass = True
@@ -276,7 +277,7 @@ def observe(model, wins, batch_size=1, progress=True):
     device = next(model.parameters()).device
     try:
         with float_model(model):
-            for i in tqdm(range(0, len(wins), batch_size), desc="calibrate", disable=None if progress else True,
+            for i in tqdm(range(0, len(wins), batch_size), desc="calibrate", disable=not progress,
                           leave=False):
                 model(wins[i:i + batch_size].to(device))
     finally:
@@ -324,7 +325,8 @@ def fingerprint(model, raw=False) -> str:
         base, seed = model.rotated_from
         return hashlib.sha256(f"{base} rotated with seed {seed}".encode()).hexdigest()[:16]
     h = hashlib.sha256(json.dumps(asdict(model.args), sort_keys=True).encode())
-    skip = {id(p) for m in model.modules() if isinstance(m, ActQuantizer) for p in m.parameters()}
+    skip = {id(p) for m in model.modules() if isinstance(m, ActQuantizer) or getattr(m, "is_quantizer", False)
+            for p in m.parameters()}
     for p in model.parameters():
         if id(p) not in skip:
             flat = p.detach().flatten()
@@ -357,14 +359,17 @@ def current_umask() -> int:
     return umask
 
 
-def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None, force=True, fingerprint_=None):
+def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None, force=True, fingerprint_=None,
+         more=None):
     """Write scales and thresholds (safetensors) with the config and the model's fingerprint; atomically.
     With force=False an existing file, even one created while this run went on, is never replaced.
-    `fingerprint_`: the id of the unsharded model, when `model` is sharded (fsdp.py)."""
+    `fingerprint_`: the id of the unsharded model, when `model` is sharded (fsdp.py). `more`: (tensors,
+    metadata) of other quantizers stored beside these (kvquant.py's, under "kv.")."""
     import os
     meta = {"config": json.dumps(asdict(cfg)), "fingerprint": fingerprint_ or fingerprint(model),
-            "extra": json.dumps(extra or {}, allow_nan=False, default=str)}
+            "extra": json.dumps(extra or {}, allow_nan=False, default=str), **(more[1] if more else {})}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in quantizers.state_dict().items()}
+    tensors.update({k: v.detach().float().cpu().contiguous() for k, v in (more[0] if more else {}).items()})
     check_scales(tensors)
     tmp = f"{path}.tmp"
     save_safetensors(tensors, tmp, meta)
@@ -378,7 +383,8 @@ def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None, f
     os.remove(tmp)
 
 
-def _read(path):
+def read(path):
+    """(metadata, tensors, config) of a scales file, checked readable and finite."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(path, framework="pt") as f:
@@ -392,24 +398,24 @@ def _read(path):
 
 def read_meta(path) -> tuple[dict, QuantConfig]:
     """A scales file's metadata (fingerprint, extra) and config, without attaching anything."""
-    meta, _, cfg = _read(path)
+    meta, _, cfg = read(path)
     return meta, cfg
 
 
 def read_config(path) -> QuantConfig:
     """The quantizer config a scales file was trained with (checked readable and finite)."""
-    return _read(path)[2]
+    return read(path)[2]
 
 
 def load(path, model):
     """Attach quantizers to `model` with the scales stored in `path`; refuses a file for another model."""
-    meta, tensors, cfg = _read(path)
+    meta, tensors, cfg = read(path)
     if meta.get("fingerprint") not in (fingerprint(model), fingerprint(model, raw=True)):
         raise ScalesError(f"{path}: these scales belong to another model (fingerprint "
                           f"{meta.get('fingerprint')}, this model is {fingerprint(model)})")
     quantizers = attach(model, cfg)
     try:
-        quantizers.load_state_dict(tensors, strict=True)
+        quantizers.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("kv.")}, strict=True)
     except RuntimeError as e:
         detach(model)
         raise ScalesError(f"{path}: scales do not fit this model ({' '.join(str(e).split())[:200]})") from None

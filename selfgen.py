@@ -35,7 +35,7 @@ def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     vocab, out = model.args.vocab_size, []
-    for start in tqdm(range(0, n, batch), desc="generate calibration text", disable=None if progress else True):
+    for start in tqdm(range(0, n, batch), desc="generate calibration text", disable=not progress):
         B = min(batch, n - start)
         first = torch.randint(vocab, (B, 1), generator=gen, device=device)
         tokens = first if bos_id is None else torch.cat([first.new_full((B, 1), bos_id), first], 1)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 import baselines
 import cli
 import data
+import kvquant
 import model as llama
 import sasq
 import selfgen
@@ -49,17 +50,24 @@ def parse_args(argv=None):
                    "also one scale for the w2 input, behind the online Hadamard)")
     p.add_argument("--rotate", action="store_true", help="train on the QuaRot-style rotated model "
                    "(baselines.rotate, signs from --seed); eval.py rotates again when it loads these scales")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="also quantize the KV cache (K after "
+                   "RoPE, V) with static scales, trained with the others (kvquant.py; default: a float cache)")
+    p.add_argument("--kv-format", choices=kvquant.FORMATS, default="int", help="the cache's grid: int or fp8 "
+                   "(e4m3, 8 bits) (default %(default)s)")
+    p.add_argument("--kv-granularity", choices=("tensor", "head"), default="tensor", help="one KV scale per "
+                   "tensor (what engines take) or per kv head (default %(default)s)")
     p.add_argument("--loss", choices=("ce", "kl"), default="ce", help="ce: next-token cross-entropy on the text "
                    "(the paper); kl: KL divergence from the float model's next-token distribution")
     p.add_argument("--init", choices=("mean", "max"), default=sasq.INIT,
-                   help="PTQ init: max or (the paper's) mean over batches of the per-channel absmax")
-    p.add_argument("--trunc-mult", type=float, default=4.0, help="initial threshold c = this x calib absmax")
+                   help="PTQ init: max or (the paper's) mean over batches of the per-channel absmax "
+                   "(default %(default)s)")
+    p.add_argument("--trunc-mult", type=float, default=4.0, help="initial threshold c = this x calib absmax (default %(default)s)")
     p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--lr", type=float, default=2e-2, help="Adam lr on log-scales (cosine decay to 0)")
-    p.add_argument("--calib-windows", type=int, default=16, help="windows for the PTQ initialisation")
-    p.add_argument("--heldout", type=int, default=4, help="last windows of --calib kept for evaluation")
+    p.add_argument("--lr", type=float, default=2e-2, help="Adam lr on log-scales, cosine decay to 0 (default %(default)s)")
+    p.add_argument("--calib-windows", type=int, default=16, help="windows for the PTQ initialisation (default %(default)s)")
+    p.add_argument("--heldout", type=int, default=4, help="last windows of --calib kept for evaluation (default %(default)s)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (7B on one GPU)")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the blocks (GPU only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -68,7 +76,7 @@ def parse_args(argv=None):
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch sampler, the rotation's signs and "
                    "self:N's text (default 0)")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint the trainable state every N steps")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint the trainable state every N steps (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.state.pt")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     if os.environ.get("RANK", "0") != "0":     # under torchrun, one rank explains a bad command line, not all
@@ -199,7 +207,7 @@ def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device=
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
     guard, t0, first = FiniteGuard(quantizers, start), time.time(), None
     with StopOnSignal() as stop:
-        for step in tqdm(range(start, steps), desc="train scales", disable=None if progress and not rank else True):
+        for step in tqdm(range(start, steps), desc="train scales", disable=not progress or bool(rank)):
             guard.remember()
             idx = torch.randint(len(wins), (batch_size * world,), generator=gen)[rank * batch_size:][:batch_size]
             x = wins[idx].to(device)
@@ -254,7 +262,7 @@ def run_record(a, fingerprint, cfg, comm=None) -> dict:
     return {**({"world": comm.world} if comm else {}), "fingerprint": fingerprint, "config": dataclasses.asdict(cfg), "steps": a.steps,
             "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "calib": list(a.calib), "init": a.init,
             "trunc_mult": a.trunc_mult, "calib_windows": a.calib_windows, "heldout": a.heldout, "seed": a.seed,
-            "loss": a.loss}
+            "loss": a.loss, **({"kv": [a.kv_bits, a.kv_format, a.kv_granularity]} if a.kv_bits else {})}
 
 
 def check_paths(p, a, state):
@@ -292,19 +300,26 @@ def run(a, model, train_wins, calib_wins, held, base_fp, comm=None):
     quantizers = sasq.attach(model, cfg)
     (comm.calibrate if comm else sasq.calibrate)(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult,
                                                  progress=not quiet)
+    kv = more = None
+    if a.kv_bits:                    # the KV cache's scales: PTQ-initialised, then trained with the others
+        kv = kvquant.attach(model, a.kv_bits, a.kv_format, a.kv_granularity, quantizers)
+        kvquant.calibrate(model, kv, calib_wins, a.batch_size, progress=not quiet)
+        more = lambda: kvquant.to_save(kv)                        # noqa: E731
+    trained = quantizers if kv is None else torch.nn.ModuleDict({"act": quantizers, "kv": kv})
     ptq_ppl = heldout_ppl(model, held, a, comm)
     if a.device.startswith("cuda") and not a.no_compile and not comm:
         model.compile_blocks()       # identical blocks share one compiled graph; the first steps compile
     t0 = time.time()
     try:
-        losses, first = train_scales(model, quantizers, train_wins, a.steps, a.batch_size, a.lr, a.seed, a.device,
+        losses, first = train_scales(model, trained, train_wins, a.steps, a.batch_size, a.lr, a.seed, a.device,
                                      state_path=state, save_every=a.save_every, resume=a.resume,
                                      run=run_record(a, fingerprint, cfg, comm), loss=a.loss, comm=comm)
     except NonFinite as e:
         if e.kept is None:
             raise SystemExit(f"error: {e}; nothing saved")
         if not quiet:
-            sasq.save(a.out, model, quantizers, cfg, extra={"stopped": str(e)}, force=a.force, fingerprint_=fingerprint)
+            sasq.save(a.out, model, quantizers, cfg, extra={"stopped": str(e)}, force=a.force, fingerprint_=fingerprint,
+                      more=more and more())
         raise SystemExit(f"error: {e}; those scales saved to {a.out}")
     except Stopped as e:
         raise SystemExit(f"stopped: {e}")
@@ -320,9 +335,10 @@ def run(a, model, train_wins, calib_wins, held, base_fp, comm=None):
         return
     from safetensors import SafetensorError
     try:
-        sasq.save(a.out, model, quantizers, cfg, force=a.force, fingerprint_=fingerprint,
+        sasq.save(a.out, model, quantizers, cfg, force=a.force, fingerprint_=fingerprint, more=more and more(),
                   extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib),
-                         "loss": a.loss, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl, "base_fingerprint": base_fp})
+                         "loss": a.loss, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl, "base_fingerprint": base_fp,
+                         "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")})
     except (OSError, SafetensorError) as e:
         raise SystemExit(f"error: cannot write {a.out} ({' '.join(str(e).split())[:120]}); the trained state is "
                          f"in {state}: make room and run the same command with --resume to write the scales")

@@ -53,3 +53,17 @@ def test_an_unreachable_dataset_names_the_local_forms(tmp_path):
     with pytest.raises(data.DataError) as e:                    # a local folder: no hint, the folder is named
         data.load_text(f"{tmp_path}:cfg:train")
     assert "name a local text" not in str(e.value)
+
+
+def test_unreachable_hub_fails_at_once_naming_the_fix(monkeypatch):
+    """Offline, a hub dataset name fails with one line naming a local form, without datasets' retry loop
+    (the probe finds the hub closed and datasets goes straight to its cache)."""
+    import datasets
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")        # the discard port: nothing listens
+    assert not data.hub_reachable()
+    before = datasets.config.HF_HUB_OFFLINE
+    with pytest.raises(data.DataError, match="hub is not reachable.*FOLDER:CONFIG:SPLIT"):
+        data.load_text("no-such-org/no-such-dataset:x:train")
+    assert datasets.config.HF_HUB_OFFLINE == before

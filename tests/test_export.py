@@ -181,3 +181,21 @@ def test_rotated_export_equals_fake_quant(tmp_path, tied):
 def test_rotated_scales_without_w2_tensor_are_refused():
     with pytest.raises(sasq.ScalesError, match="--deployable --rotate"):
         export.check_foldable(sasq.QuantConfig(truncation=False, tied_wo=True, rotate=0), model.ModelArgs())
+
+
+def test_codes_are_those_of_the_training_precision(tmp_path):
+    """Scales trained on fp32 weights, exported with the default --dtype bfloat16: the int8 codes are still
+    those of the fp32 W * s that training saw (bf16 weights round some of them the other way)."""
+    from safetensors.torch import load_file
+    m, _ = tiny(tmp_path, False)
+    qs = with_scales(m, DEPLOY)
+    sasq.save(str(tmp_path / "s.safetensors"), m, qs, DEPLOY, extra={"dtype": "float32"})
+    export.main(["--ckpt", str(tmp_path / "ckpt"), "--scales", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "out")])
+    sd = load_file(str(tmp_path / "out" / "model.safetensors"))
+    at = m.layers[0].attention
+    fp32 = at.wq.folded_weight()[0]
+    assert torch.equal(sd["model.layers.0.self_attn.q_proj.weight"].float(), export.to_hf({"layers.0.attention.wq.weight": fp32}, m.args)["model.layers.0.self_attn.q_proj.weight"])
+    assert sd["model.norm.weight"].dtype == torch.bfloat16
+    with torch.no_grad():
+        at.wq.linear.weight.copy_(at.wq.linear.weight.bfloat16().float())      # what a bf16 load would have used
+    assert not torch.equal(at.wq.folded_weight()[0], fp32)
