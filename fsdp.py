@@ -99,11 +99,15 @@ def setup(device: str):
 
 
 def shard(model, device):
-    """fully_shard each block, then the root; materialise this rank's (uninitialised) shards."""
+    """fully_shard each block, then the root, over a mesh of this device's type (FSDP2's default mesh is
+    CUDA whenever a GPU is visible, which breaks --device cpu on a GPU machine); materialise this rank's
+    (uninitialised) shards."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dist.get_world_size(),))
     for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     model.to_empty(device=device)
     model.init_rope(device)
     return model.eval().requires_grad_(False)

@@ -3,6 +3,8 @@
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] [train|eval|all]   (H100: about 8 minutes for SmolLM2-135M)
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] baselines|baselines-eval|baselines-long   SmoothQuant, QuaRot-RTN,
 #     SASQ (+ rotation, + KL) at A8/A6/A4, and longer low-bit training (docs/baselines.md);
+#   bash results.sh OUTDIR [CKPT] [WIKITEXT] kv|kv-eval   static KV-cache scales (kvquant.py): KV8 int, KV8 fp8,
+#     KV4 int trained with the default recipe, exported, scored beside float / dynamic / PTQ caches;
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] headline   the README's table, from the committed scales files;
 #   bash results.sh OUTDIR [CKPT] [WIKITEXT] deploy|deploy-eval|deploy-decode|deploy-mix   the deployment table:
 #     deploy: train --deployable, export it and the bf16 model, llm-compressor's recipes (peers.py);
@@ -58,8 +60,30 @@ LIST
   wait
   exit 0
 fi
+evo() { local name=$1; shift; ev --test ood --json "$out/$name.json" --force "$@"; }
+if [ "$stage" = kv ]; then   # static KV-cache scales (kvquant.py), trained with the default deployable recipe
+  missing <<'LIST' | together run
+kv8 --deployable --calib self:256 --kv-bits 8
+kv8-fp8 --deployable --calib self:256 --kv-bits 8 --kv-format fp8
+kv4 --deployable --calib self:256 --kv-bits 4
+LIST
+  for n in kv8 kv8-fp8; do
+    OMP_NUM_THREADS=2 python3 export.py --ckpt "$ckpt" --scales "$out/$n.safetensors" --out "$out/hf-$n" --force \
+      > "$out/export-$n.log" 2>&1 &
+  done
+  wait
+  exit 0
+fi
+if [ "$stage" = kv-eval ]; then   # each KV file: trained, float cache, per-token dynamic, PTQ max; the exports
+  together evo <<LIST
+eval-kv8 --modes fp --scales $out/kv8.safetensors --kv-baselines
+eval-kv8-fp8 --scales $out/kv8-fp8.safetensors --kv-baselines
+eval-kv4 --scales $out/kv4.safetensors --kv-baselines
+eval-hf-kv --hf $out/hf-kv8 --hf $out/hf-kv8-fp8
+LIST
+  exit 0
+fi
 if [ "$stage" = ship-eval ]; then   # every row on WikiText-2, Hamlet and the out-of-domain set (--test ood)
-  evo() { local name=$1; shift; ev --test ood --json "$out/$name.json" "$@"; }
   each() { local flag=$1; shift; for n in "$@"; do printf -- '%s %s ' "$flag" "$n"; done; }
   together evo <<LIST
 eval-base --modes fp,dynamic,smoothquant,quarot --alpha 0.8

@@ -32,7 +32,7 @@ def train(args, out, procs=1, batch=2, extra=(), wait=True):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     if wait:
         o, e = p.communicate(timeout=120)
-        assert p.returncode == 0, e[-2000:]
+        assert p.returncode == 0, "\n".join([l for l in e.splitlines() if "rror" in l][:8] + [e[-1000:]])
         return o
     return p
 

@@ -76,11 +76,11 @@ def test_train_save_eval_and_export_round_trip(tmp_path):
     out = tmp_path / "kv.safetensors"
     train.main(["--ckpt", str(tmp_path / "ckpt"), "--calib", str(tmp_path / "text.txt"), "--out", str(out),
                 "--seq-len", "64", "--steps", "3", "--batch-size", "2", "--calib-windows", "2", "--heldout", "1",
-                "--deployable", "--kv-bits", "8"])
+                "--deployable", "--kv-bits", "8", "--device", "cpu"])     # fp32, as the comparison below
     assert kvquant.read_config(str(out)) == {"bits": 8, "format": "int", "granularity": "tensor"}
     evaluate.main(["--ckpt", str(tmp_path / "ckpt"), "--test", str(tmp_path / "text.txt"), "--seq-len", "64",
                    "--limit", "2", "--calib", str(tmp_path / "text.txt"), "--calib-seq-len", "64", "--calib-windows", "2",
-                   "--scales", str(out), "--kv-baselines", "--json", str(tmp_path / "r.json")])
+                   "--scales", str(out), "--kv-baselines", "--json", str(tmp_path / "r.json"), "--device", "cpu"])
     rows = [r["mode"] for r in json.loads((tmp_path / "r.json").read_text())["rows"]]
     assert [("trained" in r, "float KV" in r, "dynamic per-token" in r, "PTQ max" in r) for r in rows[1:]] == \
         [(True, False, False, False), (False, True, False, False), (False, False, True, False), (False, False, False, True)]
