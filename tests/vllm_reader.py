@@ -14,6 +14,9 @@ it applies. A job is FOLDER:PATH, PATH one of
   patched  static, and vLLM's online transforms made runnable on the CPU: their dense fallback calls
            `layer.cpu_linear`, which vLLM 0.32 sets on no HadamardTransform (AttributeError); the patch
            gives it that one attribute (a plain F.linear), to measure what vLLM's transform code computes.
+  fp8kv    static, with kv_cache_dtype="fp8": vLLM stores the cache in FP8-e4m3 and takes the
+           checkpoint's k_scale / v_scale (compressed-tensors' kv_cache_scheme) for it.
+The report also gives the k_scale / v_scale vLLM's first attention layer holds.
 A job that fails reports its error instead; each job's line is printed as it ends.
 """
 import json
@@ -27,15 +30,17 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def engine_report(model):
     """({scheme:kernel: number of linears}, number of linears with an online transform) of a vLLM model."""
-    kernels, transforms = {}, 0
+    kernels, transforms, kv = {}, 0, None
     for mod in model.modules():
+        if kv is None and hasattr(mod, "_k_scale") and hasattr(mod, "kv_cache_dtype"):
+            kv = {"kv_cache_dtype": mod.kv_cache_dtype, "k_scale": float(mod._k_scale), "v_scale": float(mod._v_scale)}
         method = getattr(mod, "quant_method", None)
         kernel = getattr(getattr(getattr(mod, "scheme", None), "kernel", None), "linear_method", None)
         if kernel is not None:
             key = f"{type(mod.scheme).__name__}:{kernel.__name__}"
             kernels[key] = kernels.get(key, 0) + 1
         transforms += type(method).__name__ == "CompressedTensorsLinearTransformMethod"
-    return kernels, transforms
+    return kernels, transforms, kv
 
 
 def run(folder, path, wins):
@@ -44,20 +49,21 @@ def run(folder, path, wins):
     from vllm.inputs import TokensPrompt
     from vllm.model_executor.layers.quantization.compressed_tensors.transform.module import HadamardTransform
     amx = torch.cpu._is_amx_tile_supported
-    if path in ("static", "patched"):
+    if path in ("static", "patched", "fp8kv"):
         torch.cpu._is_amx_tile_supported = lambda: False
     if path == "patched":
         HadamardTransform.cpu_linear = lambda self, x, w, b: torch.nn.functional.linear(x, w, b)
     try:
         llm = LLM(model=folder, dtype="bfloat16" if path == "default" else "float32", seed=0,
-                  max_model_len=len(wins[0]) + 1, enforce_eager=True, max_num_seqs=len(wins))
-        kernels, transforms = llm.apply_model(engine_report)[0]
+                  max_model_len=len(wins[0]) + 1, enforce_eager=True, max_num_seqs=len(wins),
+                  **({"kv_cache_dtype": "fp8"} if path == "fp8kv" else {}))
+        kernels, transforms, kv = llm.apply_model(engine_report)[0]
         outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in wins],
                             SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         nll = -sum(lp[t].logprob for w, o in zip(wins, outs) for t, lp in zip(w[1:], o.prompt_logprobs[1:]))
         count = sum(len(w) - 1 for w in wins)
         del llm
-        return {"ppl": math.exp(nll / count), "tokens": count, "kernels": kernels, "transforms": transforms}
+        return {"ppl": math.exp(nll / count), "tokens": count, "kernels": kernels, "transforms": transforms, "kv": kv}
     except Exception as e:       # report and go on: the next job gets a fresh engine
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     finally:
