@@ -68,10 +68,10 @@ def run(main):
     'error:' line on stderr and exit status 1; --debug shows the traceback instead."""
     from safetensors import SafetensorError
     sys.stdout.reconfigure(line_buffering=True)      # sent to a file, each result line arrives when printed
-    if not sys.stderr.isatty():                      # and the progress bars update every 30 s, not 10 times a second
+    if not sys.stderr.isatty():      # and a progress bar appears after 10 s, then updates every 30 s (not 10/s)
         from functools import partialmethod
         from tqdm import tqdm
-        tqdm.__init__ = partialmethod(tqdm.__init__, mininterval=30)
+        tqdm.__init__ = partialmethod(tqdm.__init__, mininterval=30, delay=10)
     try:
         main()
     except (model.CheckpointError, data.DataError, sasq.ScalesError, ValueError, OSError, SafetensorError) as e:

@@ -270,6 +270,8 @@ def check_paths(p, a, state):
     cli.check_writable(p, a.out, a.force)
     if a.resume and not os.path.exists(state):
         p.exit(2, f"{p.prog}: error: --resume but no {state} from an interrupted run\n")
+    if a.resume:                     # unreadable: say so now, not after loading and calibrating
+        load_state(state, {})
     if not a.resume and os.path.exists(state) and not a.force:
         p.exit(2, f"{p.prog}: error: {state} holds an interrupted run: continue it with --resume, or pass "
                   "--force to discard it\n")
