@@ -5,6 +5,8 @@ whose activations are easier to quantize; sasq.attach then quantizes it like any
   1. SmoothQuant (Xiao et al. 2023): divide each activation channel by s_j and multiply the weights'
      input column j by s_j, moving outliers from activations into weights.
   2. Hadamard matrices of the sizes LLaMA needs, built here (Sylvester x Paley), applied in float64.
+     Optional reading: the rotation only calls hadamard(x) (= x @ H / sqrt(n)); the finite-field
+     construction of Paley's matrices is a detail of how H exists for n = 11008, not of the method.
   3. Rotation (QuaRot, Ashkboos et al. 2024): rotate the residual stream by an orthogonal Q, the w2 input
      by a Hadamard at run time and each head's values by a Hadamard folded into wv/wo. Rotated outliers
      spread over all channels, so one scale per token (QuaRot) or per channel (SASQ + rotation) fits.
@@ -44,7 +46,7 @@ def smooth(model, stats, alpha=0.5):
     return model
 
 
-# --------------------------------------------------------------------------- 2. Hadamard matrices
+# --------------------------------------------------------------------------- 2. Hadamard matrices (optional reading)
 
 def _prime_power(q):
     """(p, k) with q = p^k, p prime, else None."""
