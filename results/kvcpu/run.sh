@@ -1,4 +1,5 @@
-cd /work/main && . .venv/bin/activate
+# The CPU KV-cache measurement of docs/kvcache.md; run from the project root: bash results/kvcpu/run.sh
+. .venv/bin/activate
 W=../shared/data/wikitext; C="--calib $W:wikitext-2-v1:validation"; S="--steps 20 --seq-len 256 --batch-size 2 --calib-windows 8 --checkpointing"
 for spec in "kv8fp8 --kv-bits 8 --kv-format fp8" "kv8 --kv-bits 8" "kv4 --kv-bits 4"; do
   set -- $spec; n=$1; shift
