@@ -102,6 +102,8 @@ class ActQuantizer(nn.Module):
     `groups=(n_kv, n_rep, head_dim)` ties the scales of the wo input (n_heads * head_dim channels)
     across the n_rep query heads that read one kv head: n_kv * head_dim trained scales, expanded."""
 
+    is_quantizer = True              # fingerprint() leaves quantizers' parameters out (kvquant.py's too)
+
     def __init__(self, dim: int, cfg: QuantConfig, norm_input: bool, groups=None, per_channel=None):
         super().__init__()
         self.bits, self.mode, self.groups = cfg.abits, cfg.act, groups
@@ -325,8 +327,7 @@ def fingerprint(model, raw=False) -> str:
         base, seed = model.rotated_from
         return hashlib.sha256(f"{base} rotated with seed {seed}".encode()).hexdigest()[:16]
     h = hashlib.sha256(json.dumps(asdict(model.args), sort_keys=True).encode())
-    skip = {id(p) for m in model.modules() if isinstance(m, ActQuantizer) or getattr(m, "is_quantizer", False)
-            for p in m.parameters()}
+    skip = {id(p) for m in model.modules() if getattr(m, "is_quantizer", False) for p in m.parameters()}
     for p in model.parameters():
         if id(p) not in skip:
             flat = p.detach().flatten()

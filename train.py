@@ -90,6 +90,8 @@ def parse_args(argv=None):
             selfgen.parse(spec)
         except ValueError as e:
             p.exit(2, f"{p.prog}: error: {e}\n")
+    if a.kv_format == "fp8" and a.kv_bits not in (None, 8):
+        p.exit(2, f"{p.prog}: error: --kv-format fp8 is 8 bits; got --kv-bits {a.kv_bits}\n")
     if selfgen.is_spec(a.calib[0]):
         p.exit(2, f"{p.prog}: error: --calib {a.calib[0]}: held-out windows come from the first --calib; "
                   "put a text first\n")
@@ -302,11 +304,10 @@ def run(a, model, train_wins, calib_wins, held, base_fp, comm=None):
     quantizers = sasq.attach(model, cfg)
     (comm.calibrate if comm else sasq.calibrate)(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult,
                                                  progress=not quiet)
-    kv = more = None
+    kv = None
     if a.kv_bits:                    # the KV cache's scales: PTQ-initialised, then trained with the others
         kv = kvquant.attach(model, a.kv_bits, a.kv_format, a.kv_granularity, quantizers)
         kvquant.calibrate(model, kv, calib_wins, a.batch_size, progress=not quiet)
-        more = lambda: kvquant.to_save(kv)                        # noqa: E731
     trained = quantizers if kv is None else torch.nn.ModuleDict({"act": quantizers, "kv": kv})
     ptq_ppl = heldout_ppl(model, held, a, comm)
     if a.device.startswith("cuda") and not a.no_compile and not comm:
@@ -321,7 +322,7 @@ def run(a, model, train_wins, calib_wins, held, base_fp, comm=None):
             raise SystemExit(f"error: {e}; nothing saved")
         if not quiet:
             sasq.save(a.out, model, quantizers, cfg, extra={"stopped": str(e)}, force=a.force, fingerprint_=fingerprint,
-                      more=more and more())
+                      more=kvquant.to_save(kv) if kv is not None else None)
         raise SystemExit(f"error: {e}; those scales saved to {a.out}")
     except Stopped as e:
         raise SystemExit(f"stopped: {e}")
@@ -337,7 +338,7 @@ def run(a, model, train_wins, calib_wins, held, base_fp, comm=None):
         return
     from safetensors import SafetensorError
     try:
-        sasq.save(a.out, model, quantizers, cfg, force=a.force, fingerprint_=fingerprint, more=more and more(),
+        sasq.save(a.out, model, quantizers, cfg, force=a.force, fingerprint_=fingerprint, more=kvquant.to_save(kv) if kv is not None else None,
                   extra={"steps": a.steps, "tokens": tokens, "seconds": secs, "calib": " + ".join(a.calib),
                          "loss": a.loss, "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl, "base_fingerprint": base_fp,
                          "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")})

@@ -111,3 +111,9 @@ def test_unexportable_kv_scales_are_refused_before_loading(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="engines take 8-bit"):
         export.main(["--ckpt", str(tmp_path / "ckpt"), "--scales", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "hf")])
     assert not (tmp_path / "hf").exists()
+
+
+def test_fp8_cache_of_4_bits_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--kv-bits", "4", "--kv-format", "fp8", "--out", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and "fp8 is 8 bits" in capsys.readouterr().err
