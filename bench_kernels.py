@@ -295,3 +295,84 @@ def codegen(m, V, out_dir=None, seq=256, which=VARIANTS[1:]):
     use_variant(m, V, "bf16")
     return table(rows, ["variant", "kernels", "norm kernels", "norm kernels writing int8", "kernels writing int8"],
                  "kernels torch.compile generates for one decoder block (ours not counted)")
+
+
+# --------------------------------------------------------------------------- the tile table (int8_configs.json)
+
+HBM = {"H200": 4.8e12, "H100": 3.35e12}            # bytes/s, the SXM data sheets: the decode bound
+INT8_PEAK = {"H200": 1979e12, "H100": 1979e12}      # dense int8 ops/s: the prefill bound
+
+
+def spec(table):
+    """This GPU's entry of HBM or INT8_PEAK (None off the GPU or for other cards)."""
+    name = torch.cuda.get_device_name() if CUDA else ""
+    return next((v for k, v in table.items() if k in name), None)
+
+
+SWEEP_SHAPES = [("mm", 4096, 4096), ("mm", 11008, 4096), ("mm", 22016, 4096), ("mm", 4096, 11008),
+                ("swiglu", 22016, 4096)]      # (kind, N, K): q/k/v/o, w1/w3, merged gate/up, w2, fused gate/up
+SWEEP_M = {16: 1, 32: 32, 64: 64, 4096: 2048}   # the M each bucket is timed at
+
+
+def candidates(b):
+    mm = lambda bm, bn, bk, s, w: dict(kernel="mm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=s, num_warps=w)  # noqa: E731
+    mv = lambda bn, bk, sk, s=4, w=4: dict(kernel="mv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_stages=s, num_warps=w)  # noqa: E731
+    return {16: [mm(16, 32, 256, 5, 4), mm(16, 64, 256, 4, 4)] +
+                [mv(bn, bk, sk) for bn, bk, sk in ((32, 512, 1), (32, 512, 2), (64, 512, 1), (64, 512, 2), (64, 256, 1),
+                                                   (64, 256, 4), (128, 256, 1), (128, 256, 2), (64, 1024, 1), (128, 512, 1))] +
+                [mv(64, 512, 1, 6), mv(64, 256, 1, 6), mv(128, 256, 1, 3, 8), mv(32, 1024, 1, 3)],
+            32: [mm(32, 64, 256, 4, 4), mm(16, 64, 256, 4, 4), mm(32, 128, 128, 4, 4), mm(32, 64, 128, 5, 4)],
+            64: [mm(64, 128, 128, 4, 4), mm(64, 64, 256, 4, 4), mm(64, 128, 256, 3, 4), mm(64, 256, 128, 3, 8)],
+            4096: [mm(128, 256, 128, 3, 8), mm(256, 128, 128, 3, 8), mm(128, 256, 128, 4, 8), mm(256, 128, 128, 4, 8),
+                   mm(128, 256, 64, 5, 8), mm(128, 128, 128, 4, 8), mm(128, 128, 128, 3, 8), mm(128, 128, 64, 4, 8),
+                   mm(128, 128, 128, 4, 4)]}[b]
+
+
+def time_tiles(kind, m, n, k, cfg, reps):
+    """ms per GEMM with these tiles. Several weight copies, called in turn, together 4x the L2: every call
+    streams its weights from HBM, as a model's layers do."""
+    copies = min(16, 1 + int(200e6 // (n * k)))
+    ws = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(copies)]
+    q = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
+    scale, s2 = torch.rand(n, device="cuda") * 1e-4, torch.rand(n // 2, device="cuda") + 0.5
+    one = (lambda w: int8.triton_gate_up(q, w, scale, s2, config=cfg)) if kind == "swiglu" else \
+        (lambda w: int8.triton_mm(q, w, scale, config=cfg))
+    return timed(lambda: [one(w) for w in ws], reps) / copies
+
+
+def sec_sweep(a, dev, args, results):
+    """Time every candidate tile configuration of each 7B GEMM shape and M bucket; the fastest go into
+    int8_configs.json (in --out; copy it next to int8.py to commit it) and into this run's table."""
+    if dev != "cuda" or int8.triton is None:
+        print("\n## sweep: skipped (times our Triton kernels: needs a CUDA GPU)")
+        return []
+    import json
+    rows, best = [], {}
+    hbm, peak = spec(HBM), spec(INT8_PEAK)
+    for kind, n, k in SWEEP_SHAPES:
+        for b, m in SWEEP_M.items():
+            times = []
+            for cfg in candidates(b):
+                try:
+                    times.append((time_tiles(kind, m, n, k, cfg, a.reps), cfg))
+                except Exception as e:            # too much shared memory for this tile, say
+                    print(f"  {kind} {m}x{n}x{k} {cfg}: {type(e).__name__}")
+            t, cfg = min(times, key=lambda tc: tc[0])
+            default = time_tiles(kind, m, n, k, int8.DEFAULTS[b], a.reps)
+            best[f"{kind} {b} {n} {k}"] = cfg
+            tiles = ",".join(str(v) for key, v in cfg.items() if key != "kernel")
+            r = {"kind": kind, "M": m, "N": n, "K": k, "best": f"{cfg['kernel']} {tiles}", "ms": t, "default ms": default,
+                 "weights GB/s": n * k / t / 1e6, "TOPS": 2 * m * n * k / t / 1e9, "tried": times}
+            r["% of HBM"] = 100 * r["weights GB/s"] * 1e9 / hbm if hbm else None
+            r["% of int8 peak"] = 100 * r["TOPS"] * 1e12 / peak if peak else None
+            rows.append(r)
+            print(f"  {kind} {m}x{n}x{k}: {r['best']} {t * 1e3:.1f} us ({r['weights GB/s']:.0f} GB/s, {r['TOPS']:.0f} TOPS)",
+                  flush=True)
+    int8.CONFIGS.update(best)                     # the rest of this run uses them
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "int8_configs.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": int8.triton.__version__, "configs": best}, f, indent=1)
+    return table(rows, ["kind", "M", "N", "K", "best", "ms", "default ms", "weights GB/s", "% of HBM", "TOPS",
+                        "% of int8 peak"], "int8 GEMM tiles per shape and M bucket (weights stream from HBM)")

@@ -13,6 +13,8 @@ Where only a static scale can be applied, the same kernel fuses more: `FusedFeed
 as one GEMM whose epilogue applies SwiGLU and writes the w2 input's int8 codes. `DynamicFeedForward` is the
 dynamic baseline as serving engines run it (gate/up merged into one GEMM). bench.py times all of them.
 """
+import json
+import os
 from typing import Optional
 
 import torch
@@ -75,7 +77,13 @@ if triton is not None:
             acc = tl.dot(x, y, acc, out_dtype=tl.int32)
             a += BLOCK_K
             w += BLOCK_K
-        # epilogue: int32 -> float, per-column weight scale (and per-row token scale), cast, store
+        _epilogue(acc, rm, rn, pid_n, ws_ptr, rs_ptr, c_ptr, M, N, ROW_SCALE, SWIGLU, BF16, BLOCK_M, BLOCK_N)
+
+    @triton.jit
+    def _epilogue(acc, rm, rn, pid_n, ws_ptr, rs_ptr, c_ptr, M, N, ROW_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+                  BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """int32 tile (BLOCK_M, BLOCK_N) -> float, times the per-column weight scale (and per-row token scale),
+        cast and stored; or, SWIGLU, the fused FFN's codes."""
         out = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=rn < N, other=0.0)[None, :]
         if SWIGLU:
             _swiglu_quantize(out, rm, pid_n, rs_ptr, c_ptr, M, N // 2, BF16, BLOCK_M, BLOCK_N // 2)
@@ -85,35 +93,110 @@ if triton is not None:
             mask = (rm < M)[:, None] & (rn < N)[None, :]
             tl.store(c_ptr + rm[:, None] * N + rn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
 
-    def _prune(configs, named_args, **kwargs):
-        """Small BLOCK_M for decode-sized M, large for prefill: fewer configs to time."""
-        m = named_args["M"]
-        keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= 64) == (m <= 64)]
-        return keep or configs
+    @triton.jit
+    def _int8_mv_kernel(a_ptr, w_ptr, ws_ptr, rs_ptr, c_ptr, sums_ptr, count_ptr, M, N, K, ROW_SCALE: tl.constexpr,
+                        SWIGLU: tl.constexpr, BF16: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Decode (M <= 16): the same product, written C.T = W A.T so that the weight tile (BLOCK_N rows, K
+        contiguous) is the wide operand and the 16 token rows the narrow one, with K split over SPLIT_K
+        programs so that a 4096-wide output still keeps every SM streaming weights. Each split adds its int32
+        sums into `sums` with atomics (integer sums: exact in any order); the split that finishes last reads
+        them back, zeroes `sums` and its counter for the next call, and runs the epilogue: no second kernel."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, 16)
+        span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K          # each split's share of K
+        rk = tl.arange(0, BLOCK_K)
+        w = w_ptr + (rn % N)[:, None] * K + pid_k * span + rk[None, :]     # (BLOCK_N, BLOCK_K)
+        a = a_ptr + (rm % M)[None, :] * K + pid_k * span + rk[:, None]     # (BLOCK_K, 16): A.T
+        acc = tl.zeros((BLOCK_N, 16), dtype=tl.int32)
+        for k in range(0, span, BLOCK_K):
+            if EVEN_K:
+                x, y = tl.load(w), tl.load(a)
+            else:
+                left = K - pid_k * span - k
+                x = tl.load(w, mask=rk[None, :] < left, other=0)
+                y = tl.load(a, mask=rk[:, None] < left, other=0)
+            acc = tl.dot(x, y, acc, out_dtype=tl.int32)
+            w += BLOCK_K
+            a += BLOCK_K
+        if SPLIT_K > 1:
+            sums, mask = sums_ptr + rm[None, :] * N + rn[:, None], (rm < M)[None, :] & (rn < N)[:, None]
+            tl.atomic_add(sums, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()                                   # all of this program's adds before its count
+            if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+                acc = tl.where(mask, tl.atomic_xchg(sums, 0, mask=mask, sem="acq_rel"), 0)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
+                _epilogue(tl.trans(acc), rm, rn, pid_n, ws_ptr, rs_ptr, c_ptr, M, N, ROW_SCALE, SWIGLU, BF16, 16, BLOCK_N)
+        else:
+            _epilogue(tl.trans(acc), rm, rn, pid_n, ws_ptr, rs_ptr, c_ptr, M, N, ROW_SCALE, SWIGLU, BF16, 16, BLOCK_N)
 
-    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-                for bm, bn, bk, s, w in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 128, 4, 8),
-                                         (256, 128, 128, 4, 8), (128, 256, 64, 5, 8), (128, 128, 128, 4, 8),
-                                         (128, 128, 128, 3, 8), (128, 128, 64, 4, 8),      # 2 programs per SM
-                                         (128, 128, 128, 4, 4), (16, 32, 256, 5, 4), (16, 64, 256, 4, 4),
-                                         (32, 64, 256, 4, 4), (64, 128, 128, 4, 4), (16, 16, 512, 4, 2),
-                                         (16, 32, 512, 4, 4), (16, 16, 256, 8, 2)]]
-    _int8_mm = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int8_mm_kernel)
-    _int8_mm_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K", "ROW_SCALE", "SWIGLU"],
-                                     prune_configs_by={"early_config_prune": _prune})(_int8_mm)
+
+# --------------------------------------------------------------------------- which tiles: a table, no autotuning
+
+# Autotuning at run time picks tiles from noisy timings, differently from run to run and between the static and
+# dynamic epilogues. The tiles come from a table instead: one configuration per kernel kind ("mm": the plain
+# epilogue, static and dynamic alike; "swiglu": the fused gate/up), M bucket and (N, K), measured on a GPU by
+# `python bench.py --sections sweep` and committed as int8_configs.json; shapes not in it get DEFAULTS.
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int8_configs.json")
+BUCKETS = (16, 32, 64, 128, 256, 4096)             # M up to 16 (decode), ..., more than 256 (prefill)
+DEFAULTS = {16: dict(kernel="mv", BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, num_stages=4, num_warps=4),
+            32: dict(kernel="mm", BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_stages=4, num_warps=4),
+            64: dict(kernel="mm", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_stages=4, num_warps=4),
+            128: dict(kernel="mm", BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_stages=4, num_warps=8),
+            256: dict(kernel="mm", BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_stages=3, num_warps=8),
+            4096: dict(kernel="mm", BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_stages=3, num_warps=8)}
+
+
+def bucket(m):
+    return next((b for b in BUCKETS if m <= b), BUCKETS[-1])
+
+
+def read_configs(path=CONFIG_FILE):
+    """{"kind bucket N K": config} from a sweep's file ({} if there is none)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["configs"]
+
+
+CONFIGS = read_configs()
+
+
+def tiles(kind, m, n, k):
+    """The kernel and tiles for an (m, k) x (n, k) product of this kind."""
+    return CONFIGS.get(f"{kind} {bucket(m)} {n} {k}", DEFAULTS[bucket(m)])
+
+
+_SCRATCH = {}        # device -> (int32 sums, int32 counters) of the split-K decode kernel: zero between calls
+
+
+def _launch(q, w, ws, rs, out, swiglu, bf16, cfg):
+    (m, k), n = q.shape, w.shape[0]
+    cfg = dict(cfg)
+    kernel, stages, warps = cfg.pop("kernel", "mm"), cfg.pop("num_stages", 3), cfg.pop("num_warps", 4)
+    flags = dict(ROW_SCALE=rs is not None and not swiglu, SWIGLU=swiglu, BF16=bf16, num_stages=stages, num_warps=warps)
+    rs = rs if rs is not None else ws                                      # a dummy pointer when unused
+    if kernel == "mv":
+        assert m <= 16 and n <= 2 ** 16, "the decode kernel takes up to 16 rows and 65536 columns"
+        if q.device not in _SCRATCH:
+            _SCRATCH[q.device] = (torch.zeros(16 * 2 ** 16, dtype=torch.int32, device=q.device),
+                                  torch.zeros(2 ** 16 // 16, dtype=torch.int32, device=q.device))
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        _int8_mv_kernel[grid](q, w, ws, rs, out, *_SCRATCH[q.device], m, n, k,
+                              EVEN_K=k % (cfg["BLOCK_K"] * cfg["SPLIT_K"]) == 0, **cfg, **flags)
+    else:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _int8_mm_kernel[grid](q, w, ws, rs, out, m, n, k, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg, **flags)
+    return out
 
 
 def triton_mm(q, w, w_scale, row_scale=None, out_dtype=torch.bfloat16, config=None):
-    """Our Triton kernel; `config` (dict of BLOCK_M/N/K, GROUP_M) skips autotuning (the CPU interpreter test)."""
+    """Our Triton kernel, tiles from the table (`config`: a dict of the kernel and its tiles, as in DEFAULTS)."""
     (m, k), n = q.shape, w.shape[0]
     assert q.is_contiguous() and w.is_contiguous() and max(m, n) * k < 2 ** 31 and m * n < 2 ** 31
     out = torch.empty(m, n, device=q.device, dtype=out_dtype)
-    rs = row_scale if row_scale is not None else w_scale                   # a dummy pointer when unused
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    kernel = _int8_mm_tuned if config is None else _int8_mm
-    kernel[grid](q, w, w_scale, rs, out, m, n, k, ROW_SCALE=row_scale is not None, SWIGLU=False, BF16=False,
-                 **(config or {}))
-    return out
+    return _launch(q, w, w_scale, row_scale, out, False, False, config or tiles("mm", m, n, k))
 
 
 @torch.library.custom_op("sasq::int8_mm", mutates_args=())
@@ -182,11 +265,7 @@ def triton_gate_up(q, w13, ws13, s2, dtype=torch.bfloat16, config=None):
     (m, k), n2 = q.shape, w13.shape[0]
     assert q.is_contiguous() and w13.is_contiguous() and max(m, n2) * k < 2 ** 31 and m * n2 < 2 ** 31
     out = torch.empty(m, n2 // 2, device=q.device, dtype=torch.int8)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n2, meta["BLOCK_N"]),)
-    kernel = _int8_mm_tuned if config is None else _int8_mm
-    kernel[grid](q, w13, ws13, s2, out, m, n2, k, ROW_SCALE=False, SWIGLU=True, BF16=dtype == torch.bfloat16,
-                 **(config or {}))
-    return out
+    return _launch(q, w13, ws13, s2, out, True, dtype == torch.bfloat16, config or tiles("swiglu", m, n2, k))
 
 
 @torch.library.custom_op("sasq::int8_gate_up", mutates_args=())

@@ -55,8 +55,9 @@ def test_converted_model_matches_its_fake_quant_twin(tiny_model):
 
 
 def test_triton_kernel_in_the_interpreter():
-    """Our Triton GEMM (int8.triton_mm), run by Triton's CPU interpreter, against an exact float64 matmul:
-    ragged M/N, K not a multiple of BLOCK_K (the masked loop), with and without the per-row scale."""
+    """Our Triton GEMMs (int8.triton_mm: the tiled kernel, and for M <= 16 the split-K decode kernel), run by
+    Triton's CPU interpreter, against an exact float64 matmul: ragged M/N, K not a multiple of BLOCK_K (the
+    masked loop), with and without the per-row scale."""
     import subprocess
     import sys
     pytest.importorskip("triton", minversion="3.9")     # 3.6's interpreter fails with NumPy 2 (a loop bound)
@@ -68,11 +69,15 @@ for m, k, n in [(5, 384, 48), (33, 256, 70), (1, 512, 64)]:
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     ws, rs = torch.rand(n) + 0.5, torch.rand(m) + 0.5
     ref = (q.double() @ w.double().T) * ws.double()
-    for cfg in [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=2), dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8)]:
+    mv = [dict(kernel="mv", BLOCK_N=32, BLOCK_K=128, SPLIT_K=1), dict(kernel="mv", BLOCK_N=64, BLOCK_K=64, SPLIT_K=3),
+          dict(kernel="mv", BLOCK_N=16, BLOCK_K=128, SPLIT_K=8)] if m <= 16 else []     # the decode kernel, split-K
+    for cfg in [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=2), dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8)] + mv:
         for r in (None, rs):
-            out = int8.triton_mm(q, w, ws, r, torch.float32, cfg).double()
-            exp = ref if r is None else ref * rs.double()[:, None]
-            assert out.shape == (m, n) and ((out - exp).abs() / exp.abs().max()).max() < 1e-6, (m, k, n, cfg)
+            for again in range(2):          # split-K leaves its workspace zeroed for the next call
+                out = int8.triton_mm(q, w, ws, r, torch.float32, cfg).double()
+                exp = ref if r is None else ref * rs.double()[:, None]
+                assert out.shape == (m, n) and ((out - exp).abs() / exp.abs().max()).max() < 1e-6, (m, k, n, cfg)
+assert all(int(t.abs().sum()) == 0 for t in int8._SCRATCH[torch.device("cpu")])
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
@@ -86,7 +91,9 @@ def test_bench_tiny_runs_on_cpu(tmp_path):
     import bench
     res = bench.main(["--tiny", "--reps", "2", "--out", str(tmp_path), "--profile",
                       "--tokenizer", str(SP_MODEL)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"bench-{s}.json" for s in bench.SECTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"bench-{s}.json" for s in bench.DEFAULT)
+    assert [(r["cached tokens"], r["batch"]) for r in res["kv"]["decode"]] == [(48, 1), (48, 2), (96, 1), (96, 2)]
+    assert all(isinstance(r[c], float) and r[c] > 0 for r in res["kv"]["decode"] for c in bench.CACHES)
     assert json.load(open(tmp_path / "bench-linear.json"))["device"] == "cpu"
     per_linear = [r for r in res["linear"] if not r["layer"].startswith("gate/up")]
     assert len(per_linear) == 3 * 2 and all(r["static torch"] > 0 and r["bf16"] > 0 for r in per_linear)
@@ -144,7 +151,9 @@ for m, k, n in [(5, 256, 48), (33, 128, 70)]:
     ws13, s2 = (torch.rand(2 * n) + 0.5) * 1e-4, (torch.rand(n) + 0.5) * 5e-3
     ref = int8._torch_gate_up(q, w13, ws13, s2, torch.float32)
     assert 0 < (ref.abs() < 127).float().mean() < 1                # codes inside the range and clamped ones
-    for cfg in [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=2), dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)]:
+    mv = [dict(kernel="mv", BLOCK_N=32, BLOCK_K=128, SPLIT_K=1), dict(kernel="mv", BLOCK_N=64, BLOCK_K=64, SPLIT_K=3)]
+    for cfg in [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=2), dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)] + \
+            (mv if m <= 16 else []):
         out = int8.triton_gate_up(q, w13, ws13, s2, torch.float32, cfg)
         assert out.dtype == torch.int8 and torch.equal(out, ref), (m, k, n, cfg)
 print("ok")
@@ -169,12 +178,16 @@ def test_gpu_kernels_in_bf16_match_torch():
     ref = int8._torch_gate_up(q, w13, ws13, s2, torch.bfloat16)
     d = (int8.triton_gate_up(q, w13, ws13, s2, torch.bfloat16).int() - ref.int()).abs()
     assert 0.3 < (ref.abs() < 127).float().mean() < 1 and d.max() <= 1 and (d > 0).float().mean() < 1e-3
-    for rows in (1, 16):                          # decode sizes: the small-tile configs
+    mv = [dict(kernel="mv", BLOCK_N=64, BLOCK_K=256, SPLIT_K=s, num_stages=4, num_warps=4) for s in (1, 3, 8)]
+    for rows in (1, 7, 16):                       # decode sizes: the table's tiles, and the split-K decode kernel
         x, rs = q[:rows].contiguous(), torch.rand(rows, device="cuda") + 0.5
-        torch.testing.assert_close(int8.triton_mm(x, w13, ws13, rs), int8._torch_mm(x, w13, ws13, rs, torch.bfloat16),
-                                   atol=0, rtol=0)
-        d = (int8.triton_gate_up(x, w13, ws13, s2).int() - int8._torch_gate_up(x, w13, ws13, s2, torch.bfloat16).int())
-        assert d.abs().max() <= 1
+        for cfg in [None] + mv:
+            for again in range(2):
+                torch.testing.assert_close(int8.triton_mm(x, w13, ws13, rs, config=cfg),
+                                           int8._torch_mm(x, w13, ws13, rs, torch.bfloat16), atol=0, rtol=0)
+            d = (int8.triton_gate_up(x, w13, ws13, s2, config=cfg).int() -
+                 int8._torch_gate_up(x, w13, ws13, s2, torch.bfloat16).int())
+            assert d.abs().max() <= 1
 
 
 def test_fused_ffn_equals_the_unfused_int8_model(tiny_model):
