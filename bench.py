@@ -18,13 +18,19 @@ Sections (each prints a table; --out gets bench-SECTION.json):
   train   SASQ training (train.train_scales itself) at seq 2048, batch 1..8, with and without
           activation checkpointing: tokens/s, peak memory, MFU against the measured bf16 peak
   load    write a 7B-sized Hugging Face safetensors folder, time model.load on it (--tokenizer needed)
+  kv      decode with a long KV cache (4k, 16k, 32k tokens; batch 1 and 8), static fused INT8 weights:
+          bf16 cache (PyTorch's attention, and our kernel) against int8 and fp8 codes (kvcache.py)
+  sweep   (not in the default list) time candidate tiles of our int8 GEMM per 7B shape and M bucket;
+          writes int8_configs.json to --out: the table int8.py reads (copy it next to int8.py)
 Where they live: peak, linear and the kernel profiles in bench_kernels.py (with the timers and the
 variants), train in bench_train.py (which also times 13B / 70B under torchrun), the rest here.
 GPU timings replay CUDA graphs (no Python or launch overhead in the numbers) of torch.compile'd
 blocks; the training section times real optimizer steps with the wall clock.
 """
 import argparse
+import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,10 +43,14 @@ import bench_kernels as kern
 import bench_train
 import cli
 import int8
+import kvcache
+import kvquant
 import model as llama
+import sasq
 from bench_kernels import VARIANTS, build, free, table, timed, use, use_variant, variants, weight_bytes
 
-SECTIONS = ("peak", "linear", "infer", "eval", "train", "load")
+SECTIONS = ("peak", "linear", "infer", "eval", "train", "load", "kv", "sweep")
+DEFAULT = SECTIONS[:-1]
 
 
 # --------------------------------------------------------------------------- the whole model: speed and memory
@@ -81,8 +91,9 @@ def memory(m, V):
 
 def speed(a, m, V, inputs, title, **kw):
     """ms per model call of each variant (use_variant), one row per input; the ratios compare static INT8
-    with the dynamic variant of the same form (per linear; fused: the best dynamic) and with bf16."""
-    rows = []
+    with the dynamic variant of the same form (per linear; fused: the best dynamic) and with bf16. Decode
+    (kw pos: cached tokens): the bytes a step must read (int8 weights, the bf16 KV cache) against the HBM."""
+    rows, hbm = [], kern.spec(kern.HBM)
     with torch.no_grad():
         for tok in inputs:
             r = {"batch": tok.shape[0], "tokens": tok.numel()}
@@ -93,11 +104,19 @@ def speed(a, m, V, inputs, title, **kw):
             r["fused/dyn"] = min(r["dynamic int8"], r["dynamic merged"]) / r["static fused"]
             r["fused/bf16"] = r["bf16"] / r["static fused"]
             r["fused tokens/s"] = tok.numel() / r["static fused"] * 1e3
+            if "pos" in kw:
+                a_ = m.layers[0].attention
+                cache = 2 * m.args.n_layers * tok.shape[0] * (kw["pos"] + 1) * a_.n_kv_heads * a_.head_dim * 2
+                gb = (weight_bytes(V["static int8"]) + cache) / 1e9
+                r["fused GB/s"] = gb / r["static fused"] * 1e3
+                r["% of HBM"] = 100 * r["fused GB/s"] * 1e9 / hbm if hbm else None
+                r["bound ms"] = gb * 1e9 / hbm * 1e3 if hbm else None
             rows.append(r)
             free()
     use_variant(m, V, "bf16")
+    extra = ["fused GB/s", "% of HBM", "bound ms"] if "pos" in kw else []
     return table(rows, ["batch", "tokens", *VARIANTS, "static/dyn", "static/bf16", "fused/dyn", "fused/bf16",
-                        "fused tokens/s"], title)
+                        "fused tokens/s", *extra], title + a.run_label)
 
 
 def sec_infer(a, dev, args, results):
@@ -150,6 +169,81 @@ def sec_eval(a, dev, args, results):
                  f"evaluation forward, batch {tok.shape[0]} x {tok.shape[1]}")
 
 
+# --------------------------------------------------------------------------- decoding from a long KV cache
+
+CACHES = {"bf16, PyTorch attention": None, "bf16, our kernel": "bf16", "int8 codes": "int", "fp8 codes": "fp8"}
+
+
+def sec_kv(a, dev, args, results):
+    """ms per decode step with the cache's K and V in bf16 or as 8-bit codes (kvcache.py), the weights static
+    fused INT8 (what ships). Scales are set, not trained: speed does not depend on their values."""
+    gpu = dev == "cuda"
+    ctxs, batches = ((4096, 16384, 32768), (1, 8)) if gpu else ((48, 96), (1, 2))
+    args = dataclasses.replace(args, max_seq_len=max(ctxs) + 1)
+    m = build(args, dev)
+    qs = sasq.attach(m, sasq.QuantConfig())
+    sasq.calibrate(m, qs, torch.randint(args.vocab_size, (2, 64), device=dev), method="max", progress=False)
+    int8.fuse(int8.convert(m, keep_float=False))
+    if gpu:
+        m.compile_blocks()
+    at, rows = m.layers[0].attention, []
+    per_token = 2 * args.n_layers * at.n_kv_heads * at.head_dim          # K and V values per cached token
+    with torch.no_grad():
+        for ctx in ctxs:
+            for b in batches:
+                r = {"cached tokens": ctx, "batch": b, "bf16 cache GB": per_token * b * ctx * 2 / 1e9}
+                for name, fmt in CACHES.items():
+                    kvquant.detach(m)
+                    if fmt in kvcache.CODES:
+                        for d in kvquant.attach(m, 8, fmt):
+                            for q in d.values():
+                                q.log_scale.fill_(math.log(0.02))
+                    need = per_token * b * (ctx + 1) * (1 if fmt in kvcache.CODES else 2)
+                    if gpu and need > 0.9 * torch.cuda.mem_get_info()[0]:
+                        r[name] = "does not fit"
+                        continue
+                    m.setup_cache(b, ctx + 1, None if fmt is None else kvcache.quantized(m, fmt))
+                    tok = torch.randint(args.vocab_size, (b, 1), device=dev)
+                    r[name] = timed(lambda: m(tok, pos=ctx), a.reps)
+                    m.setup_cache(0, 0)
+                    free()
+                bf16 = [r[n] for n in list(CACHES)[:2] if isinstance(r[n], float)]
+                for n in list(CACHES)[2:]:
+                    if bf16 and isinstance(r[n], float):
+                        r[f"{n[:4]} vs best bf16"] = min(bf16) / r[n]
+                rows.append(r)
+    kvquant.detach(m)
+    out = {"decode": table(rows, ["cached tokens", "batch", "bf16 cache GB", *CACHES, "int8 vs best bf16",
+                                  "fp8  vs best bf16"],
+                           "decode step with a long KV cache, ms (static fused INT8 weights; 'vs': speed-up)" + a.run_label)}
+    if gpu:
+        out["attention"] = attention_alone(a, args, dev)
+    return out
+
+
+def attention_alone(a, args, dev, ctx=16384, batch=8):
+    """One layer's decode attention alone, against the bytes of cache it reads: what the kernel streams."""
+    at = llama.Attention(args)
+    shape, rows = (batch, at.n_kv_heads, ctx, at.head_dim), []
+    q = torch.randn(batch, at.n_heads, 1, at.head_dim, device=dev, dtype=torch.bfloat16)
+    ones = torch.ones(at.n_kv_heads, at.head_dim, device=dev)
+    hbm = kern.spec(kern.HBM)
+    for dtype in (torch.bfloat16, torch.int8, torch.float8_e4m3fn):
+        k, v = (torch.zeros(shape, device=dev, dtype=torch.bfloat16).to(dtype) for _ in range(2))
+        ops = {"PyTorch SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)} if dtype == torch.bfloat16 else {}
+        ops.update({f"ours, {bt} positions x {w} warps": (lambda bt=bt, w=w: kvcache.triton_attend(q, k, v, ones, ones, ctx,
+                                                                                                block_t=bt, num_warps=w))
+                    for bt, w in ((64, 8), (64, 4), (32, 4), (128, 8))})
+        for name, fn in ops.items():
+            t = timed(fn, a.reps)
+            gbs = 2 * k.numel() * k.element_size() / t / 1e6
+            rows.append({"cache": str(dtype).split(".")[-1], "kernel": name, "ms": t, "GB/s": gbs,
+                         "% of HBM": 100 * gbs * 1e9 / hbm if hbm else None})
+        k = v = ops = None
+        free()
+    return table(rows, ["cache", "kernel", "ms", "GB/s", "% of HBM"],
+                 f"one layer's decode attention, {ctx} cached tokens x batch {batch}" + a.run_label)
+
 
 # --------------------------------------------------------------------------- loading a checkpoint
 
@@ -195,7 +289,10 @@ def sec_load(a, dev, args, results):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (a smoke test of the code)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(SECTIONS)} "
+                   "(sweep is not in the default)")
+    p.add_argument("--repeat", type=int, default=1, help="run the sections this many times in a row (tables say which "
+                   "run they are): timings that repeat")
     p.add_argument("--batches", default="1,2,4,8", help="train section: batch sizes (GPU)")
     p.add_argument("--no-decode", action="store_true", help="infer section: prefill only")
     p.add_argument("--out", default=None, help="folder for bench-SECTION.json files")
@@ -234,26 +331,29 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, int8 back end {int8.BACKEND if dev == 'cuda' else 'torch'}")
     results = {}
-    run = {"linear": kern.sec_linear, "infer": sec_infer, "eval": sec_eval, "train": bench_train.sec_train, "load": sec_load}
-    for s in sections:
+    run = {"linear": kern.sec_linear, "infer": sec_infer, "eval": sec_eval, "train": bench_train.sec_train, "load": sec_load,
+           "kv": sec_kv, "sweep": kern.sec_sweep}
+    for i, s in ((i, s) for i in range(a.repeat) for s in sections):
+        a.run_label = f" (run {i + 1} of {a.repeat})"
         t0 = time.perf_counter()
         try:
             if s == "peak" or (s == "train" and "peak" not in results):     # train needs the peak for MFU
                 results["peak"] = kern.sec_peak(a, dev, args, results)
+            key = s if i == 0 else f"{s}-run{i + 1}"               # repeated runs: bench-infer-run2.json, ...
             if s != "peak":
-                results[s] = run[s](a, dev, args, results)
+                results[key] = run[s](a, dev, args, results)
         except Exception as e:           # on a GPU run, one failing section must not cost the others
             if a.tiny:
                 raise
             import traceback
             traceback.print_exc()
-            results[s] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            results[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(f"[{s}: {time.perf_counter() - t0:.0f} s]", flush=True)
         free()
-        if a.out:
+        if a.out and key in results:
             os.makedirs(a.out, exist_ok=True)
-            with open(os.path.join(a.out, f"bench-{s}.json"), "w") as f:
-                json.dump({"device": device_name, "torch": torch.__version__, "section": s, "result": results[s],
+            with open(os.path.join(a.out, f"bench-{key}.json"), "w") as f:
+                json.dump({"device": device_name, "torch": torch.__version__, "section": s, "result": results[key],
                            **({"peak": results["peak"]} if s == "train" else {})}, f, indent=1)
     return results
 

@@ -29,11 +29,13 @@ GRANULARITIES = ("tensor", "head", "token")     # token: the dynamic baseline, a
 
 
 class FP8STE(torch.autograd.Function):
-    """Forward: round to the nearest float8-e4m3 value. Backward: identity (straight-through, as RoundSTE)."""
+    """Forward: round to the nearest float8-e4m3 value. Backward: identity (straight-through, as RoundSTE).
+    The clamp to +-448 stays outside, in autograd, as the int grid's does: clipped values then pull the
+    scale up (LSQ's gradient); an identity through the clamp pulled it down and the scale collapsed."""
 
     @staticmethod
     def forward(ctx, v):
-        return v.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(v.dtype)
+        return v.to(torch.float8_e4m3fn).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -72,7 +74,7 @@ class KVQuantizer(nn.Module):
             s = y.detach().abs().amax(-1, keepdim=True).clamp(min=1e-8) / self.grid_max()
         else:
             s = self.log_scale.exp().view(1, -1, 1, 1)
-        q = FP8STE.apply(y / s) if self.fmt == "fp8" else sasq.quantize(y, s, self.bits)
+        q = FP8STE.apply((y / s).clamp(-FP8_MAX, FP8_MAX)) if self.fmt == "fp8" else sasq.quantize(y, s, self.bits)
         y = q * s
         if self.pre is not None:
             y = y * self.pre.log_scale.exp().view(1, self.shape[0], 1, self.shape[1])

