@@ -17,6 +17,7 @@ import data
 import export
 import kvquant
 import sasq
+import vllm_reader
 from conftest import CALIB_SPEC, ROOT, TEST_SPEC
 
 VENV = ROOT / ".venv-vllm"
@@ -82,8 +83,11 @@ def test_vllm_reads_the_static_exports(smollm, tmp_path):
     assert dep["kernels"] == {STATIC: 4 * n} and dep["transforms"] == 0
     assert dep["ppl"] == pytest.approx(ref["dep"], rel=5e-3)
     # the rotated export: vLLM's transform code applies the down_proj Hadamard once it can run on the CPU...
+    # (on a CPU without VNNI oneDNN's u8 x s8 kernels sum pairs of products in 16 bits with saturation, its
+    # "Nuances of int8 computations" page; the rotated model's flatter codes came out +0.9 % on an AVX2-only EPYC)
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & vllm_reader.cpu_flags())
     assert rot["kernels"] == {STATIC: 4 * n} and rot["transforms"] == n
-    assert rot["ppl"] == pytest.approx(ref["rot"], rel=5e-3)
+    assert rot["ppl"] == pytest.approx(ref["rot"], rel=5e-3 if vnni else 2e-2)
     # ...which vLLM 0.32's CPU build cannot by itself (when this fails, vLLM fixed it: update docs/deploy.md)
     assert "cpu_linear" in got[jobs[3]].get("error", ""), got[jobs[3]]
     # vLLM as a user starts it: on an AMX CPU its default int8 kernel quantizes per token (dynamic) and
@@ -96,10 +100,15 @@ def test_vllm_reads_the_static_exports(smollm, tmp_path):
         assert default["kernels"] == {STATIC: 4 * n}
         assert default["ppl"] == pytest.approx(dep["ppl"], rel=5e-3)
     # the static FP8 KV cache: vLLM turns its cache to fp8 by itself and takes our k_scale / v_scale; its CPU
-    # cache loses more than compressed-tensors' fake-quant (measured +2.1 % on 4 x 512 tokens; docs/kvcache.md)
+    # cache loses more than compressed-tensors' fake-quant (measured +2.1 % on 4 x 512 tokens; docs/kvcache.md).
+    # On a CPU without AVX-512 or AMX vLLM 0.32 refuses an fp8 cache, and says so.
     kvr = got[jobs[4]]
-    assert kvr["kv"]["kv_cache_dtype"] == "fp8" and kvr["kv"]["k_scale"] == pytest.approx(k_scale)
-    assert kvr["kernels"] == {STATIC: 4 * n} and ref["kv"] != ref["dep"]
-    assert kvr["ppl"] == pytest.approx(ref["kv"], rel=0.05)
+    assert ref["kv"] != ref["dep"]
+    if not {"avx512f", "amx_tile"} & vllm_reader.cpu_flags():
+        assert "requires x86 with AVX-512 or AMX" in kvr.get("error", ""), kvr
+    else:
+        assert kvr["kv"]["kv_cache_dtype"] == "fp8" and kvr["kv"]["k_scale"] == pytest.approx(k_scale)
+        assert kvr["kernels"] == {STATIC: 4 * n}
+        assert kvr["ppl"] == pytest.approx(ref["kv"], rel=0.05)
     # an int8 cache is refused by vLLM 0.32 (kv_cache_scheme must be type float): export.py writes fp8 for vLLM
     assert "type=float" in got[jobs[5]].get("error", ""), got[jobs[5]]

@@ -6,9 +6,10 @@ WINDOWS.json holds token windows (a list of lists). vLLM scores each as a prompt
 generated token) and we sum the logprob of every actual token after the first. For each job we also read,
 from the engine's own modules, which int8 kernel each quantized linear runs and how many online transforms
 it applies. A job is FOLDER:PATH, PATH one of
-  default  vLLM as a user starts it (bf16). On a CPU with AMX, vLLM 0.32 runs int8 layers through
-           `int8_scaled_mm_with_quant` (`_apply_weights_sgl`), which takes no input scale and quantizes
-           each token at run time: a static checkpoint runs as a dynamic one.
+  default  vLLM as a user starts it (bf16; float32 on a CPU without AVX-512-BF16 or AMX, where vLLM's bf16
+           is emulated and scoring two windows took over 5 minutes). On a CPU with AMX, vLLM 0.32 runs int8
+           layers through `int8_scaled_mm_with_quant` (`_apply_weights_sgl`), which takes no input scale and
+           quantizes each token at run time: a static checkpoint runs as a dynamic one.
   static   AMX hidden from vLLM's kernel choice (float32), so that it takes its oneDNN path
            (`_apply_weights_onednn`), which quantizes with the checkpoint's static input_scale.
   patched  static, and vLLM's online transforms made runnable on the CPU: their dense fallback calls
@@ -16,6 +17,7 @@ it applies. A job is FOLDER:PATH, PATH one of
            gives it that one attribute (a plain F.linear), to measure what vLLM's transform code computes.
   fp8kv    static, with kv_cache_dtype="fp8": vLLM stores the cache in FP8-e4m3 and takes the
            checkpoint's k_scale / v_scale (compressed-tensors' kv_cache_scheme) for it.
+           vLLM 0.32 refuses an FP8 cache on a CPU without AVX-512 or AMX (an AVX2-only AMD EPYC here).
 The report also gives the k_scale / v_scale vLLM's first attention layer holds.
 A job that fails reports its error instead; each job's line is printed as it ends.
 """
@@ -26,6 +28,14 @@ import sys
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"      # the engine in this process: the patches apply
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def cpu_flags():
+    """The x86 feature flags of this CPU (empty where /proc/cpuinfo is absent)."""
+    try:
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
 
 
 def engine_report(model):
@@ -54,7 +64,8 @@ def run(folder, path, wins):
     if path == "patched":
         HadamardTransform.cpu_linear = lambda self, x, w, b: torch.nn.functional.linear(x, w, b)
     try:
-        llm = LLM(model=folder, dtype="bfloat16" if path == "default" else "float32", seed=0,
+        bf16 = path == "default" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+        llm = LLM(model=folder, dtype="bfloat16" if bf16 else "float32", seed=0,
                   max_model_len=len(wins[0]) + 1, enforce_eager=True, max_num_seqs=len(wins),
                   **({"kv_cache_dtype": "fp8"} if path == "fp8kv" else {}))
         kernels, transforms, kv = llm.apply_model(engine_report)[0]
@@ -63,7 +74,8 @@ def run(folder, path, wins):
         nll = -sum(lp[t].logprob for w, o in zip(wins, outs) for t, lp in zip(w[1:], o.prompt_logprobs[1:]))
         count = sum(len(w) - 1 for w in wins)
         del llm
-        return {"ppl": math.exp(nll / count), "tokens": count, "kernels": kernels, "transforms": transforms, "kv": kv}
+        return {"ppl": math.exp(nll / count), "tokens": count, "kernels": kernels, "transforms": transforms, "kv": kv,
+                "dtype": "bfloat16" if bf16 else "float32"}
     except Exception as e:       # report and go on: the next job gets a fresh engine
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     finally:
