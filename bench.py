@@ -231,9 +231,9 @@ def attention_alone(a, args, dev, ctx=16384, batch=8):
     for dtype in (torch.bfloat16, torch.int8, torch.float8_e4m3fn):
         k, v = (torch.zeros(shape, device=dev, dtype=torch.bfloat16).to(dtype) for _ in range(2))
         ops = {"PyTorch SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)} if dtype == torch.bfloat16 else {}
-        ops.update({f"ours, {bt} positions x {w} warps": (lambda bt=bt, w=w: kvcache.triton_attend(q, k, v, ones, ones, ctx,
-                                                                                                block_t=bt, num_warps=w))
-                    for bt, w in ((64, 8), (64, 4), (32, 4), (128, 8))})
+        ops.update({f"ours, {bt} positions x {w} warps x {st} stages": (lambda bt=bt, w=w, st=st: kvcache.triton_attend(
+                        q, k, v, ones, ones, ctx, block_t=bt, num_warps=w, num_stages=st))
+                    for bt, w, st in ((128, 4, 3), (64, 4, 3), (128, 4, 2), (128, 8, 3))})
         for name, fn in ops.items():
             t = timed(fn, a.reps)
             gbs = 2 * k.numel() * k.element_size() / t / 1e6

@@ -7,9 +7,11 @@ trains, dequantized inside the attention kernel, never in memory.
 
 At long context a decode step reads more cache than weights (LLaMA-2-7B: 0.5 MB of K and V per token, so 16k
 tokens x 8 sequences is 69 GB in bf16 against 6.5 GB of int8 weights), and attention at decode is a pure stream
-over the cache: 8-bit codes halve it. The kernel is flash-decoding: one program per (sequence, head, slice of the
-cached positions), each a running softmax over its slice; a second small kernel merges the slices. K's scale
-(per kv head and dim) is folded into the query, V's into the merged output, so the loop only converts codes.
+over the cache: 8-bit codes halve it. The kernel is flash-decoding: one program per (sequence, kv head, slice of
+the cached positions) takes the query heads that share the kv head as the rows of a tensor-core dot (padded to
+16: LLaMA-2-7B has one, 70B eight), converts each block of codes to fp16 in registers and runs flash attention
+over the slice; a second small kernel merges the slices. K's scale (per kv head and dim) is folded into the query,
+V's into the merged output, so the loop only converts codes. Speed: docs/bench.md.
 Off the GPU (and for the prompt) the codes are dequantized and PyTorch's attention runs: the same numbers.
 """
 import math
@@ -31,51 +33,72 @@ LOG2E = 1.4426950408889634              # softmax in base 2: exp(x) = exp2(x * l
 
 if triton is not None:
     @triton.jit
-    def _to_float(x, INT8: tl.constexpr):
-        """Codes -> fp32. int8 without a conversion instruction (those run at a quarter of the ALU rate, and at
-        8-bit codes the loop converts two values per byte it reads): the byte x + 128, put in the mantissa of
-        2^23, is the float 2^23 + 128 + x exactly; one integer OR and one subtraction."""
-        if INT8:
-            u = (x.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000
-            return u.to(tl.float32, bitcast=True) - 8388736.0
-        return x.to(tl.float32)
+    def _to_half(x, CODE: tl.constexpr, ASM: tl.constexpr):
+        """Cache codes -> the dtype of the tensor-core dot: bf16 stays; float8-e4m3 -> fp16 (one instruction per
+        pair on Hopper); int8 -> fp16 without the slow conversion instruction: the byte x + 128 put under the
+        exponent of 1024.0 is the half 1024 + 128 + x exactly. On the GPU four bytes at once (one xor, two byte
+        permutes, two paired subtractions); in Triton's CPU interpreter, which runs no PTX, the same trick per
+        element."""
+        if CODE == 1 and ASM:
+            y = tl.inline_asm_elementwise(
+                """{ .reg .b32 t, c;
+                xor.b32 t, $2, 0x80808080;
+                prmt.b32 $0, t, 0x64646464, 0x4140;
+                prmt.b32 $1, t, 0x64646464, 0x4342;
+                mov.b32 c, 0x64806480;
+                sub.f16x2 $0, $0, c;
+                sub.f16x2 $1, $1, c; }""",
+                "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+        elif CODE == 1:
+            u = ((x.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x6400).to(tl.uint16)
+            y = (u.to(tl.float16, bitcast=True) - 1152.0).to(tl.float16)
+        elif CODE == 2:
+            y = x.to(tl.float16)
+        else:
+            y = x
+        return y
 
     @triton.jit
-    def _attend_slice(q_ptr, k_ptr, v_ptr, ks_ptr, part_ptr, ml_ptr, n, H, GROUP, L, HKV, qk_scale, D: tl.constexpr,
-                      BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, INT8: tl.constexpr):
-        """Program (b * H + h, j): query head h of sequence b against cached positions [j * span, (j + 1) * span)
-        of kv head h // GROUP. Each of the BLOCK_T lanes keeps its own running softmax over the positions it
-        sees (t, t + BLOCK_T, ...), so the loop has no reduction across positions; the lanes merge once at the
-        end. Writes the unnormalised sum of p * v_codes, the max m and the sum l (base-2 exponents)."""
-        bh, j = tl.program_id(0), tl.program_id(1)
-        b, hk = bh // H, (bh % H) // GROUP
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + bh * D + d).to(tl.float32) * tl.load(ks_ptr + hk * D + d) * qk_scale
+    def _attend_slice(q_ptr, k_ptr, v_ptr, ks_ptr, part_ptr, ml_ptr, n, HKV, GROUP, L, qk_scale, D: tl.constexpr,
+                      BLOCK_T: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr, CODE: tl.constexpr,
+                      ASM: tl.constexpr):
+        """Program (b * HKV + hk, j): the GROUP query heads that share kv head hk of sequence b (padded to ROWS,
+        the tensor cores' 16) against cached positions [j * span, (j + 1) * span). Flash attention on one
+        block of BLOCK_T positions at a time, both products on the tensor cores. Writes each head's
+        unnormalised sum of p * v_codes, its max m and its sum l (base-2 exponents)."""
+        bk, j = tl.program_id(0), tl.program_id(1)
+        hk = bk % HKV
+        g, d = tl.arange(0, ROWS), tl.arange(0, D)
+        rows = bk * GROUP + g                                 # = b * H + hk * GROUP + g
+        q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=(g < GROUP)[:, None], other=0.0).to(tl.float32)
+        q = q * tl.load(ks_ptr + hk * D + d)[None, :]         # K's scale folded into the query
+        c = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)           # and q brought to [-1, 1]: no fp16 range issue
+        q = (q / c[:, None]).to(tl.bfloat16 if CODE == 0 else tl.float16)
+        c = c * qk_scale
         span = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_T) * BLOCK_T
         start = j * span
         end = tl.minimum(n, start + span)
-        base = (b * HKV + hk).to(tl.int64) * L * D
-        m_i = tl.full((BLOCK_T,), -1e30, tl.float32)         # finite: a lane that saw nothing has weight 0
-        l_i = tl.zeros((BLOCK_T,), tl.float32)
-        acc = tl.zeros((BLOCK_T, D), tl.float32)
+        base = bk.to(tl.int64) * L * D
+        m_i = tl.full((ROWS,), -1e30, tl.float32)             # finite: a slice that saw nothing has weight 0
+        l_i = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, D), tl.float32)
         for t in range(start, end, BLOCK_T):
             rt = t + tl.arange(0, BLOCK_T)
             ok = rt < end
             offs = base + rt[:, None] * D + d[None, :]
-            k = _to_float(tl.load(k_ptr + offs, mask=ok[:, None], other=0.0), INT8)
-            s = tl.where(ok, tl.sum(k * q[None, :], 1), -1e30)
-            m_new = tl.maximum(m_i, s)
-            alpha, p = tl.exp2(m_i - m_new), tl.where(ok, tl.exp2(s - m_new), 0.0)
-            v = _to_float(tl.load(v_ptr + offs, mask=ok[:, None], other=0.0), INT8)
-            acc = acc * alpha[:, None] + p[:, None] * v
-            l_i = l_i * alpha + p
+            k = _to_half(tl.load(k_ptr + offs, mask=ok[:, None], other=0.0), CODE, ASM)
+            s = tl.where(ok[None, :], tl.dot(q, tl.trans(k)) * c[:, None], -1e30)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha, p = tl.exp2(m_i - m_new), tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _to_half(tl.load(v_ptr + offs, mask=ok[:, None], other=0.0), CODE, ASM)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        m = tl.max(m_i, 0)
-        w = tl.exp2(m_i - m)
-        row = bh * SPLITS + j
-        tl.store(part_ptr + row * D + d, tl.sum(acc * w[:, None], 0))
-        tl.store(ml_ptr + row * 2, m)
-        tl.store(ml_ptr + row * 2 + 1, tl.sum(l_i * w, 0))
+        out = (rows * SPLITS + j)
+        keep = g < GROUP
+        tl.store(part_ptr + out[:, None] * D + d[None, :], acc, mask=keep[:, None])
+        tl.store(ml_ptr + out * 2, m_i, mask=keep)
+        tl.store(ml_ptr + out * 2 + 1, l_i, mask=keep)
 
     @triton.jit
     def _merge(part_ptr, ml_ptr, vs_ptr, o_ptr, H, GROUP, D: tl.constexpr, SPLITS: tl.constexpr):
@@ -91,27 +114,29 @@ if triton is not None:
         tl.store(o_ptr + bh * D + d, out.to(o_ptr.dtype.element_ty))
 
 
-def splits_for(batch_heads, n, device):
-    """Slices per (sequence, head): enough programs for ~4 per SM, slices of at least 256 positions."""
+def splits_for(programs, n, device):
+    """Slices per (sequence, kv head): enough programs for ~4 per SM, slices of at least 256 positions."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = min(triton.cdiv(4 * sms, batch_heads), max(1, n // 256), 64)
+    want = min(triton.cdiv(4 * sms, programs), max(1, n // 256), 64)
     return 1 << max(0, math.ceil(math.log2(max(want, 1))))
 
 
-def triton_attend(q, k, v, ks, vs, n, splits=None, block_t=64, num_warps=None):
+def triton_attend(q, k, v, ks, vs, n, splits=None, block_t=128, num_warps=4, num_stages=3):
     """q (B, H, 1, D); k, v (B', Hkv, L, D) codes (B' >= B); ks, vs (Hkv, D) fp32 -> (B, H, 1, D) in q's dtype,
-    attending to the first n cached positions. Warps: 8 for 8-bit codes, 4 for bf16 (bench.py --sections kv,
-    one layer alone, H200)."""
+    attending to the first n cached positions. The tile (128 positions, 4 warps, 3 stages in flight) was the
+    fastest for all three cache dtypes on an H200 (results/bench/kvattn/, bench.py --sections kv)."""
     B, H, _, D = q.shape
-    num_warps = num_warps or (8 if k.element_size() == 1 else 4)
     Hkv, L = k.shape[1], k.shape[2]
-    splits = splits or splits_for(B * H, n, q.device)
+    group = H // Hkv
+    splits = splits or splits_for(B * Hkv, n, q.device)
     part = torch.empty(B * H * splits, D, device=q.device, dtype=torch.float32)
     ml = torch.empty(B * H * splits, 2, device=q.device, dtype=torch.float32)
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
-    _attend_slice[(B * H, splits)](q.contiguous(), k, v, ks, part, ml, n, H, H // Hkv, L, Hkv, LOG2E / math.sqrt(D),
-                                   D=D, BLOCK_T=block_t, SPLITS=splits, INT8=k.dtype == torch.int8, num_warps=num_warps)
-    _merge[(B * H,)](part, ml, vs, out, H, H // Hkv, D=D, SPLITS=splits, num_warps=4)
+    code = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(k.dtype, 0)
+    _attend_slice[(B * Hkv, splits)](q.contiguous(), k, v, ks, part, ml, n, Hkv, group, L, LOG2E / math.sqrt(D),
+                                     D=D, BLOCK_T=block_t, ROWS=max(16, triton.next_power_of_2(group)),
+                                     SPLITS=splits, CODE=code, ASM=q.is_cuda, num_warps=num_warps, num_stages=num_stages)
+    _merge[(B * H,)](part, ml, vs, out, H, group, D=D, SPLITS=splits, num_warps=4)
     return out
 
 

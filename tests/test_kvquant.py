@@ -175,7 +175,7 @@ for B, H, Hkv, L, n, D, splits in [(2, 4, 2, 300, 257, 64, 4), (1, 2, 2, 100, 1,
         ks, vs = (torch.rand(Hkv, D) * 0.02 + 0.005 for _ in range(2))
         ref = kvcache.reference(q, kc, vc, ks, vs, n)
         out = kvcache.triton_attend(q, kc, vc, ks, vs, n, splits=splits, block_t=32)
-        assert (out - ref).abs().max() < 1e-4 * ref.abs().max() + 1e-5, (B, H, Hkv, n, fmt)
+        assert (out - ref).abs().max() < 1e-3 * ref.abs().max(), (B, H, Hkv, n, fmt)   # fp16 operands
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,7 +191,7 @@ def test_gpu_cache_attention_matches_the_reference():
     B, H, Hkv, L, D = 3, 8, 2, 5000, 128
     q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
     ks, vs = (torch.rand(Hkv, D, device="cuda") * 0.02 + 0.005 for _ in range(2))
-    for fmt, dt in kvcache.CODES.items():
+    for fmt, dt in [*kvcache.CODES.items(), ("bf16", torch.bfloat16)]:      # bf16: the kernel's baseline form
         kc, vc = ((torch.randn(B, Hkv, L, D, device="cuda") * 40).clamp(-127, 127) for _ in range(2))
         kc, vc = (c.round().to(dt) if fmt == "int" else c.to(dt) for c in (kc, vc))
         for n in (1, 300, 4097, L):
