@@ -64,6 +64,17 @@ def test_final_save_failing_keeps_the_state_and_resume_writes_it(d, monkeypatch,
     assert out.exists() and not os.path.exists(f"{out}.state.pt")
 
 
+def test_training_that_made_things_worse_says_so(d, monkeypatch, capsys):
+    """A run whose held-out perplexity ends above its PTQ init (a first FP8-KV run did, silently) warns on stderr;
+    the scales are still saved."""
+    ppls = iter([12.0, 15.0])                           # PTQ init, SASQ (fp is scored apart)
+    monkeypatch.setattr(train, "heldout_ppl", lambda *a, **k: next(ppls))
+    out = d / "worse.safetensors"
+    train.main(["--ckpt", str(d / "tiny"), "--calib", str(d / "text.txt"), "--seq-len", "64", "--steps", "1",
+                "--batch-size", "2", "--calib-windows", "2", "--heldout", "1", "--out", str(out)])
+    assert "worse than its PTQ init (15.000 > 12.000)" in capsys.readouterr().err and out.exists()
+
+
 def test_eval_checks_scales_and_folders_before_the_first_row(d):
     """#2, #3: scales of another model and a missing --hf folder fail before any row is computed."""
     ev = ["eval.py", "--ckpt", str(d / "tiny"), "--test", str(d / "text.txt"), "--seq-len", "64", "--modes", "fp,dynamic"]
