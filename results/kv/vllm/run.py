@@ -36,7 +36,6 @@ with tempfile.TemporaryDirectory() as tmp:
     rows["ours, fake-quant, float cache"] = ppl(m)
     hf = export.load_hf(folder)
     rows["transformers + compressed-tensors, FP8 scheme"] = ppl(lambda x: (hf(x).logits,))
-    del hf
     json.dump(wins.tolist(), open(os.path.join(tmp, "wins.json"), "w"))
     out = subprocess.run([".venv-vllm/bin/python", "tests/vllm_reader.py", os.path.join(tmp, "wins.json"),
                           f"{folder}:static", f"{folder}:fp8kv"], capture_output=True, text=True, timeout=3000)
