@@ -334,11 +334,11 @@ def run(a, model, train_wins, calib_wins, held, base_fp, comm=None):
     print(f"trained {a.steps} steps, {tokens:,} tokens, {secs:.1f} s" +
           (f" (first step {first:.1f} s)" if first is not None else " (all steps were done before --resume)") +
           f"; training loss ({a.loss}), mean of the first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
+    if quiet:                        # rank 0 writes; the scales are identical on every rank
+        return
     if sasq_ppl > ptq_ppl:           # saved all the same (it may be what was asked for), but said plainly
         print(f"warning: training made the held-out perplexity worse than its PTQ init ({sasq_ppl:.3f} > {ptq_ppl:.3f}); "
               "check --lr and --steps", file=sys.stderr)
-    if quiet:                        # rank 0 writes; the scales are identical on every rank
-        return
     from safetensors import SafetensorError
     try:
         sasq.save(a.out, model, quantizers, cfg, force=a.force, fingerprint_=fingerprint, more=kvquant.to_save(kv) if kv is not None else None,
