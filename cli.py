@@ -6,8 +6,8 @@ import sys
 
 import torch
 
+import checkpoints
 import data
-import model
 import sasq
 
 # the least value each numeric option may take (options a script does not have are skipped)
@@ -63,18 +63,184 @@ def check_writable(parser, path, force, what="--out"):
         error(f"{what} {path}: folder {folder} is not writable")
 
 
-def run(main):
-    """Script entry point: an error the user can fix (path, file, data, scales, value) becomes one
-    'error:' line on stderr and exit status 1; --debug shows the traceback instead."""
+class LineFile:
+    """stderr as tqdm sees it when it is a file: each refresh of a bar becomes a line of its own (tqdm's
+    carriage returns would glue the next result line to the bar's)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, s):
+        s = s.replace("\r", "").rstrip()
+        if s:
+            self.f.write(s + "\n")
+
+    def flush(self):
+        self.f.flush()
+
+
+try:
     from safetensors import SafetensorError
-    sys.stdout.reconfigure(line_buffering=True)      # sent to a file, each result line arrives when printed
-    if not sys.stderr.isatty():      # and a progress bar appears after 10 s, then updates every 30 s (not 10/s)
+except ImportError:                    # safetensors is a requirement; this only keeps imports cheap
+    SafetensorError = OSError
+# errors the user can fix: run_main turns them into one line
+USER_ERRORS = (checkpoints.CheckpointError, checkpoints.ScalesError, data.DataError, ValueError, OSError,
+               SafetensorError)
+
+
+def run_main(main):
+    """Script entry point: an error the user can fix (path, file, data, scales, value) becomes one
+    'error:' line on stderr and exit status 1 (Ctrl-C: one line, 130); --debug shows the traceback."""
+    sys.stdout.reconfigure(line_buffering=True)    # sent to a file, each result line arrives when printed
+    if not sys.stderr.isatty():    # a bar appears after 10 s, then a line every 30 s (not 10 a second)
         from functools import partialmethod
         from tqdm import tqdm
-        tqdm.__init__ = partialmethod(tqdm.__init__, mininterval=30, delay=10)
+        tqdm.__init__ = partialmethod(tqdm.__init__, mininterval=30, delay=10, file=LineFile(sys.stderr))
     try:
         main()
-    except (model.CheckpointError, data.DataError, sasq.ScalesError, ValueError, OSError, SafetensorError) as e:
+    except KeyboardInterrupt:
+        if "--debug" in sys.argv:
+            raise
+        sys.stderr.write("\ninterrupted (Ctrl-C)\n")
+        sys.exit(130)
+    except USER_ERRORS as e:
         if "--debug" in sys.argv:
             raise
         sys.exit(f"error: {e}")
+
+
+# --------------------------------------------------------------------------- a training run that survives
+
+class Stopped(Exception):
+    """Training ended early on a signal; the message says why, and where the state is."""
+
+
+class NonFinite(Stopped):
+    """A non-finite loss or scale; `kept` says which step's scales were restored (None: none usable)."""
+
+    def __init__(self, msg, kept):
+        super().__init__(msg)
+        self.kept = kept
+
+
+# |log s| above this makes no sense for an activation scale (e^80 ~ 5e34) and overflows soon after
+LOG_LIMIT = 80.0
+
+
+class Harness:
+    """What wraps train.train_scales so that a run survives, kept out of the loop itself: --resume from a
+    state file, the state written every `save_every` steps and after the last, SIGINT/SIGTERM finishing
+    the step and saving (then Stopped), a non-finite loss or scale restoring the last good scales (then
+    NonFinite). `comm` (extras/fsdp.py): several processes drawing one global batch."""
+
+    def __init__(self, state_path=None, save_every=0, resume=False, record=None, comm=None, progress=True):
+        self.path, self.every, self.resume, self.record = state_path, save_every, resume, record or {}
+        self.comm, self.progress = comm, progress
+        self.rank, self.world = (comm.rank, comm.world) if comm else (0, 1)
+        self.first = None              # seconds of the first step run here
+        self.before, self.t0 = 0.0, None   # seconds of training before --resume; when this part began
+        self.state_error = None        # why the last state save failed (the run goes on without it)
+
+    def share(self, idx):
+        """This process' slice of a global batch of world x batch_size window indices."""
+        return idx.view(self.world, -1)[self.rank]
+
+    def reduce(self, params):
+        """Several processes: average the quantizers' gradients, so Adam takes the same step everywhere."""
+        if self.comm:
+            self.comm.average_grads(params)
+
+    def steps(self, steps, quantizers, opt, sched, gen, losses):
+        """Yield the steps still to run. Before each: remember the scales; after it: check the loss and
+        scales (losses[-1] becomes a float), write the state when due, stop on a signal."""
+        import time
+        from tqdm import tqdm
+        start = self.load(quantizers, opt, sched, gen, losses) if self.resume else 0
+        guard, self.t0 = FiniteGuard(quantizers, start), time.time()
+        with StopOnSignal() as stop:
+            bar = tqdm(range(start, steps), desc="train scales", disable=not self.progress or bool(self.rank))
+            for step in bar:
+                guard.remember()
+                yield step
+                loss = self.comm.mean(losses[-1]) if self.comm else losses[-1]
+                losses[-1] = guard.check(loss, step)
+                self.first = self.first or time.time() - self.t0
+                flag = self.comm.any(stop.flag) if self.comm else stop.flag   # all ranks stop together
+                last = step + 1 == steps
+                if self.path and (flag or last or (self.every and (step + 1) % self.every == 0)):
+                    self.save(step + 1, quantizers, opt, sched, gen, losses)
+                if flag:
+                    where = (f"state saved to {self.path}, continue with --resume" if not self.state_error
+                             else f"the state could not be saved ({self.state_error})")
+                    raise Stopped(f"{stop.flag or 'a signal to another rank'} after step {step + 1} of "
+                                  f"{steps}; {where}")
+
+    def save(self, step, quantizers, opt, sched, gen, losses):
+        if self.rank:
+            return
+        state = {"step": step, "quantizers": quantizers.state_dict(), "opt": opt.state_dict(),
+                 "sched": sched.state_dict(), "gen": gen.get_state(), "losses": losses,
+                 "run": self.record, "seconds": self.seconds()}
+        try:
+            checkpoints.save_state(self.path, state)
+            self.state_error = None
+        except OSError as e:           # insurance only: the run goes on, the caller learns why
+            self.state_error = str(e)
+            print(f"warning: {e}; training goes on", file=sys.stderr)
+
+    def load(self, quantizers, opt, sched, gen, losses):
+        st = checkpoints.load_state(self.path, self.record)
+        quantizers.load_state_dict(st["quantizers"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        gen.set_state(st["gen"])
+        losses[:] = st["losses"]
+        self.before = st.get("seconds", 0.0)
+        return st["step"]
+
+    def seconds(self) -> float:
+        """Training time so far, the part before --resume included."""
+        import time
+        return self.before + (time.time() - self.t0 if self.t0 else 0.0)
+
+
+class StopOnSignal:
+    """Turn SIGINT/SIGTERM into a flag, so the loop can finish its step, checkpoint and stop cleanly."""
+
+    def __enter__(self):
+        import signal
+        self.flag, self.old = None, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.old:
+            signal.signal(s, lambda signum, frame: setattr(self, "flag", signal.Signals(signum).name))
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+class FiniteGuard:
+    """Remembers the scales each step starts from. check() makes one host sync per step (the loss and
+    the largest |log s| per parameter); on a non-finite loss or scale it restores the last scales that
+    gave a finite loss and raises NonFinite (a non-finite loss condemns this step's scales, a finite one
+    only the update)."""
+
+    def __init__(self, quantizers, start):
+        self.q, self.params, self.start = quantizers, list(quantizers.parameters()), start
+        self.cur = self.prev = None
+
+    def remember(self):
+        self.prev, self.cur = self.cur, {k: v.clone() for k, v in self.q.state_dict().items()}
+
+    def check(self, loss, step) -> float:
+        vals = torch.stack([loss.detach().float(), *torch._foreach_norm(self.params, float("inf"))])
+        vals = vals.tolist()
+        if math.isfinite(vals[0]) and all(math.isfinite(v) and v <= LOG_LIMIT for v in vals[1:]):
+            return vals[0]
+        good, kept = (self.cur, step) if math.isfinite(vals[0]) else (self.prev, step - 1)
+        if good is None or kept < self.start:
+            raise NonFinite(f"non-finite loss at step {step}, the first step of this run; no usable "
+                            "scales", None)
+        self.q.load_state_dict(good)
+        raise NonFinite(f"non-finite loss or scale at step {step}; kept the scales of step {kept}", kept)

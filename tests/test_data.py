@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import data
-import selfgen
 
 
 @pytest.mark.parametrize("name, start, chars", [("licenses", "Apache License", 120_000),
@@ -21,9 +20,9 @@ def test_gospels_drop_leading_verse_numbers():
 
 
 def test_self_generated_windows_are_seeded(tiny_model):
-    a = selfgen.sample(tiny_model, 5, 12, seed=3, batch=2, progress=False)
-    b = selfgen.sample(tiny_model, 5, 12, seed=3, batch=2, progress=False)
-    c = selfgen.sample(tiny_model, 5, 12, seed=4, batch=2, progress=False)
+    a = data.sample(tiny_model, 5, 12, seed=3, batch=2, progress=False)
+    b = data.sample(tiny_model, 5, 12, seed=3, batch=2, progress=False)
+    c = data.sample(tiny_model, 5, 12, seed=4, batch=2, progress=False)
     assert a.shape == (5, 12) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
     # after the random first token, `greedy` argmax tokens, then samples (which here differ from argmax)
@@ -34,16 +33,16 @@ def test_self_generated_windows_are_seeded(tiny_model):
 
 
 def test_self_generated_windows_start_with_bos(tiny_model):
-    w = selfgen.sample(tiny_model, 2, 8, seed=0, bos_id=1, progress=False)
+    w = data.sample(tiny_model, 2, 8, seed=0, bos_id=1, progress=False)
     assert (w[:, 0] == 1).all() and torch.equal(w[:, 2:5], tiny_model(w[:, :-1])[0].argmax(-1)[:, 1:4])
 
 
 @pytest.mark.parametrize("spec, n", [("self", 128), ("self:7", 7)])
 def test_self_spec(spec, n):
-    assert selfgen.is_spec(spec) and selfgen.parse(spec) == n
-    assert not selfgen.is_spec("selfish.txt")
-    with pytest.raises(ValueError, match="self:N"):
-        selfgen.parse("self:0")
+    assert data.is_self(spec) and data.parse_self(spec) == n
+    assert not data.is_self("selfish.txt")
+    with pytest.raises(data.DataError, match="self:N"):
+        data.parse_self("self:0")
 
 
 def test_an_unreachable_dataset_names_the_local_forms(tmp_path):

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import data
-import export
+from extras import export
 import model
 import sasq
 from conftest import CALIB_SPEC, ROOT, TEST_SPEC, random_meta_state, write_meta
@@ -18,7 +19,7 @@ DEPLOY = sasq.QuantConfig(truncation=False, tied_wo=True)
 
 def tiny(tmp_path, tied):
     write_meta(tmp_path / "ckpt", random_meta_state(tied=tied))
-    return model.load(str(tmp_path / "ckpt"))
+    return checkpoints.load_model(str(tmp_path / "ckpt"))
 
 
 def with_scales(m, cfg, seed=0):
@@ -74,9 +75,9 @@ def test_export_equals_fake_quant_in_transformers(tmp_path, tied):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plain_export_loads_back_identically(tmp_path, dtype):
     write_meta(tmp_path / "ckpt", random_meta_state())
-    m, tok = model.load(str(tmp_path / "ckpt"), dtype=dtype)
+    m, tok = checkpoints.load_model(str(tmp_path / "ckpt"), dtype=dtype)
     export.export(m, tok, str(tmp_path / "hf"), dtype=dtype)
-    back, tok2 = model.load(str(tmp_path / "hf"), dtype=dtype)
+    back, tok2 = checkpoints.load_model(str(tmp_path / "hf"), dtype=dtype)
     x = torch.randint(0, m.args.vocab_size, (2, 16))
     torch.testing.assert_close(back(x)[0], m(x)[0], atol=0, rtol=0)
     assert tok2.encode("Hello world") == tok.encode("Hello world")
@@ -84,7 +85,7 @@ def test_plain_export_loads_back_identically(tmp_path, dtype):
 
 def test_qk_permutation_round_trip():
     w = torch.randn(4 * 8, 32)
-    assert torch.equal(model._permute_hf_to_meta(export.permute_meta_to_hf(w, 4), 4), w)
+    assert torch.equal(checkpoints._permute_hf_to_meta(export.permute_meta_to_hf(w, 4), 4), w)
     assert not torch.equal(export.permute_meta_to_hf(w, 4), w)
 
 
@@ -96,8 +97,8 @@ def test_qk_permutation_round_trip():
 def test_refuses_unfoldable_scales(tmp_path, cfg, words):
     m, _ = tiny(tmp_path, tied=False)
     qs = sasq.attach(m, cfg)
-    sasq.save(tmp_path / "s.safetensors", m, qs, cfg)
-    r = subprocess.run([sys.executable, "export.py", "--ckpt", str(tmp_path / "ckpt"), "--scales",
+    checkpoints.save_scales(tmp_path / "s.safetensors", m, qs, cfg)
+    r = subprocess.run([sys.executable, "-m", "extras.export", "--ckpt", str(tmp_path / "ckpt"), "--scales",
                         str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "out")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     err = [line for line in r.stderr.splitlines() if line.strip()]
@@ -133,7 +134,7 @@ def test_smollm2_export_in_transformers(smollm, tmp_path):
 def test_quantized_generation_is_deterministic_and_matches_int8(tmp_path):
     """Greedy decoding (KV cache) of the deployable fake-quant model: the same twice, and the same tokens
     through the real INT8 linears (int8.py, torch._int_mm on the CPU)."""
-    import int8
+    from extras import int8
     m, _ = tiny(tmp_path, tied=False)
     qs = with_scales(m, DEPLOY)
     sasq.freeze(m)
@@ -155,7 +156,7 @@ ROTATED = sasq.QuantConfig(truncation=False, tied_wo=True, rotate=0, w2_tensor=T
 def test_rotated_export_equals_fake_quant(tmp_path, tied):
     """train.py --deployable --rotate, exported: residual and per-head rotations folded into the weights (the
     head untied), w2's Hadamard as compressed-tensors' online transform; read back = our fake-quant forward."""
-    import baselines
+    from extras import baselines
     m, tok = tiny(tmp_path, tied)
     # (seed 1: with seed 0 the tied model meets a .5 tie, as in the test above, and 4 of 48 positions differ)
     x = torch.randint(0, m.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -179,7 +180,7 @@ def test_rotated_export_equals_fake_quant(tmp_path, tied):
 
 
 def test_rotated_scales_without_w2_tensor_are_refused():
-    with pytest.raises(sasq.ScalesError, match="--deployable --rotate"):
+    with pytest.raises(checkpoints.ScalesError, match="--deployable --rotate"):
         export.check_foldable(sasq.QuantConfig(truncation=False, tied_wo=True, rotate=0), model.ModelArgs())
 
 
@@ -189,7 +190,7 @@ def test_codes_are_those_of_the_training_precision(tmp_path):
     from safetensors.torch import load_file
     m, _ = tiny(tmp_path, False)
     qs = with_scales(m, DEPLOY)
-    sasq.save(str(tmp_path / "s.safetensors"), m, qs, DEPLOY, extra={"dtype": "float32"})
+    checkpoints.save_scales(str(tmp_path / "s.safetensors"), m, qs, DEPLOY, extra={"dtype": "float32"})
     export.main(["--ckpt", str(tmp_path / "ckpt"), "--scales", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "out")])
     sd = load_file(str(tmp_path / "out" / "model.safetensors"))
     at = m.layers[0].attention

@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 
 def train(args, out, procs=1, batch=2, extra=(), wait=True):
     cmd = [sys.executable, "train.py"] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", "fsdp.py"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", "-m", "extras.fsdp"]
     p = subprocess.Popen(cmd + args + ["--batch-size", str(batch), "--out", str(out), *extra], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-import int8
+from extras import int8
+import checkpoints
 import sasq
 from conftest import SP_MODEL
 
@@ -62,7 +63,8 @@ def test_triton_kernel_in_the_interpreter():
     import sys
     pytest.importorskip("triton", minversion="3.9")     # 3.6's interpreter fails with NumPy 2 (a loop bound)
     code = """
-import torch, int8
+import torch
+from extras import int8
 torch.manual_seed(0)
 for m, k, n in [(5, 384, 48), (33, 256, 70), (1, 512, 64)]:
     q = torch.randint(-128, 128, (m, k), dtype=torch.int8)
@@ -88,7 +90,7 @@ print("ok")
 def test_bench_tiny_runs_on_cpu(tmp_path):
     import json
 
-    import bench
+    from extras import bench
     res = bench.main(["--tiny", "--reps", "2", "--out", str(tmp_path), "--profile",
                       "--tokenizer", str(SP_MODEL)])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"bench-{s}.json" for s in bench.DEFAULT)
@@ -120,7 +122,7 @@ def test_smollm2_int8_logits_equal_fake_quant(smollm):
     exact in both paths, so the INT8 logits equal the fake-quant logits bit for bit."""
     m, tok = smollm
     x = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. " * 8)])
-    sasq.load(os.path.join(ROOT, "results", "w8a8-max.safetensors"), m)
+    checkpoints.load_scales(os.path.join(ROOT, "results", "w8a8-max.safetensors"), m)
     try:
         sasq.freeze(m)
         with torch.no_grad():
@@ -143,7 +145,8 @@ def test_fused_gate_up_kernel_in_the_interpreter_equals_torch():
     import sys
     pytest.importorskip("triton", minversion="3.9")     # 3.6's interpreter fails with NumPy 2 (a loop bound)
     code = """
-import torch, int8
+import torch
+from extras import int8
 torch.manual_seed(0)
 for m, k, n in [(5, 256, 48), (33, 128, 70)]:
     q = torch.randint(-128, 128, (m, k), dtype=torch.int8)
@@ -213,7 +216,7 @@ def test_fused_ffn_equals_the_unfused_int8_model(tiny_model):
 def test_compiled_rmsnorm_writes_the_int8_codes(tmp_path):
     """With static scales torch.compile fuses each RMSNorm with the quantization after it: the norm kernel
     itself writes int8 codes (here inductor's C++ code; bench.py --profile reads the Triton code on a GPU)."""
-    import bench
+    from extras import bench
     m = bench.build(bench.kern.TINY, "cpu")
     V = bench.variants(m, torch.randint(128, (2, 32)))
     row, = bench.kern.codegen(m, V, str(tmp_path), seq=16, which=("static int8",))

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import eval as evaluate
-import export
-import kvquant
+from extras import export
+from extras import kvquant
+import checkpoints
 import model as llama
 import sasq
 import train
@@ -62,7 +63,7 @@ def test_fp8_scale_gradient_pulls_the_scale_up_on_clipped_values():
 
 def tiny(tmp_path):
     write_meta(tmp_path / "ckpt", random_meta_state())
-    return llama.load(str(tmp_path / "ckpt"))
+    return checkpoints.load_model(str(tmp_path / "ckpt"))
 
 
 def test_ptq_init_is_the_absmax_of_k_and_v(tmp_path):
@@ -101,7 +102,7 @@ def test_train_save_eval_and_export_round_trip(tmp_path):
     export.main(["--ckpt", str(tmp_path / "ckpt"), "--scales", str(out), "--out", str(tmp_path / "hf"), "--dtype", "float32"])
     qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
     assert qc["kv_cache_scheme"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
-    qs, _ = sasq.load(str(out), m)
+    qs, _ = checkpoints.load_scales(str(out), m)
     kv, _ = kvquant.load(str(out), m, qs)
     sasq.freeze(m)
     x = torch.randint(0, m.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -119,9 +120,9 @@ def test_unexportable_kv_scales_are_refused_before_loading(tmp_path, monkeypatch
     m, _ = tiny(tmp_path)
     qs = sasq.attach(m, sasq.QuantConfig(truncation=False, tied_wo=True))
     kv = kvquant.attach(m, 4, granularity="head", quantizers=qs)
-    sasq.save(str(tmp_path / "s.safetensors"), m, qs, sasq.QuantConfig(truncation=False, tied_wo=True),
+    checkpoints.save_scales(str(tmp_path / "s.safetensors"), m, qs, sasq.QuantConfig(truncation=False, tied_wo=True),
               more=kvquant.to_save(kv))
-    monkeypatch.setattr(llama, "load", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     with pytest.raises(ValueError, match="engines take 8-bit"):
         export.main(["--ckpt", str(tmp_path / "ckpt"), "--scales", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "hf")])
     assert not (tmp_path / "hf").exists()
@@ -137,7 +138,7 @@ def test_fp8_cache_of_4_bits_is_a_usage_error(tmp_path, capsys):
 def test_decoding_from_the_8bit_cache_equals_fake_quant(tiny_model, fmt):
     """kvcache.QuantKVCache keeps codes, not values: token-by-token decoding from it (int8 / fp8 codes, the
     deployable V scale s_v * s_wo per channel) gives the logits of one causal forward with the KV fake-quant."""
-    import kvcache
+    from extras import kvcache
     m = tiny_model
     x = torch.randint(0, m.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     qs = sasq.attach(m, sasq.QuantConfig(truncation=False, tied_wo=True))
@@ -165,7 +166,8 @@ def test_cache_attention_kernel_in_the_interpreter():
     import sys
     pytest.importorskip("triton", minversion="3.9")
     code = """
-import torch, kvcache
+import torch
+from extras import kvcache
 torch.manual_seed(0)
 for B, H, Hkv, L, n, D, splits in [(2, 4, 2, 300, 257, 64, 4), (1, 2, 2, 100, 1, 32, 8), (3, 4, 4, 200, 130, 32, 1)]:
     q = torch.randn(B, H, 1, D)
@@ -186,7 +188,7 @@ print("ok")
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_cache_attention_matches_the_reference():
-    import kvcache
+    from extras import kvcache
     torch.manual_seed(0)
     B, H, Hkv, L, D = 3, 8, 2, 5000, 128
     q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import checkpoints
 import data
 import model
 from conftest import SP_MODEL, TEST_SPEC, random_meta_state, write_hf, write_meta
@@ -14,7 +15,7 @@ TOKENS = torch.randint(0, 32000, (2, 17), generator=torch.Generator().manual_see
 @pytest.mark.parametrize("tied", [False, True])
 def test_hf_loader_matches_transformers(tmp_path, tied):
     hf = write_hf(tmp_path / "hf", random_meta_state(tied=tied), tied=tied)
-    ours, tok = model.load(str(tmp_path / "hf"))
+    ours, tok = checkpoints.load_model(str(tmp_path / "hf"))
     assert ours.args.n_kv_heads == 2 and ours.args.tie_embeddings == tied
     ref = hf(TOKENS).logits
     torch.testing.assert_close(ours(TOKENS)[0], ref, atol=1e-5, rtol=1e-5)
@@ -26,10 +27,10 @@ def test_meta_layout_matches_transformers(tmp_path, shards):
     sd = random_meta_state()
     write_meta(tmp_path / "llama-2-tiny", sd, shards)
     hf = write_hf(tmp_path / "hf", sd)
-    ours, tok = model.load(str(tmp_path / "llama-2-tiny"))
+    ours, tok = checkpoints.load_model(str(tmp_path / "llama-2-tiny"))
     assert ours.args.hidden_dim == 96 and ours.args.vocab_size == 32000
     torch.testing.assert_close(ours(TOKENS)[0], hf(TOKENS).logits, atol=1e-5, rtol=1e-5)
-    ours_hf, _ = model.load(str(tmp_path / "hf"))
+    ours_hf, _ = checkpoints.load_model(str(tmp_path / "hf"))
     torch.testing.assert_close(ours(TOKENS)[0], ours_hf(TOKENS)[0], atol=1e-6, rtol=1e-6)
 
 
@@ -61,20 +62,20 @@ def test_tokenizer_round_trip_gguf(smollm):
 
 
 def test_bad_inputs_raise_one_clear_error(tmp_path):
-    with pytest.raises(model.CheckpointError, match="no such file"):
-        model.load(str(tmp_path / "nope"))
+    with pytest.raises(checkpoints.CheckpointError, match="no such file"):
+        checkpoints.load_model(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(model.CheckpointError, match="no checkpoint found"):
-        model.load(str(tmp_path / "empty"))
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint found"):
+        checkpoints.load_model(str(tmp_path / "empty"))
     write_hf(tmp_path / "hf", random_meta_state())
     f = tmp_path / "hf" / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(model.CheckpointError, match="cannot read"):
-        model.load(str(tmp_path / "hf"))
+    with pytest.raises(checkpoints.CheckpointError, match="cannot read"):
+        checkpoints.load_model(str(tmp_path / "hf"))
     g = tmp_path / "bad.gguf"
-    g.write_bytes(open(model.embedded_default_path(), "rb").read(1 << 20))
-    with pytest.raises(model.CheckpointError, match="cannot read"):
-        model.load(str(g))
+    g.write_bytes(open(checkpoints.embedded_default_path(), "rb").read(1 << 20))
+    with pytest.raises(checkpoints.CheckpointError, match="cannot read"):
+        checkpoints.load_model(str(g))
 
 
 def test_config_that_disagrees_with_weights(tmp_path):
@@ -82,14 +83,14 @@ def test_config_that_disagrees_with_weights(tmp_path):
     write_meta(tmp_path / "m", random_meta_state())
     p = tmp_path / "m" / "params.json"
     p.write_text(json.dumps({**json.loads(p.read_text()), "dim": 64}))
-    with pytest.raises(model.CheckpointError, match="do not match"):
-        model.load(str(tmp_path / "m"))
+    with pytest.raises(checkpoints.CheckpointError, match="do not match"):
+        checkpoints.load_model(str(tmp_path / "m"))
 
 
 def test_short_name_offline_says_what_to_download(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(model.CheckpointError, match="huggingface-cli download meta-llama/Llama-2-7b-hf"):
-        model.load("llama-2-7b")
+    with pytest.raises(checkpoints.CheckpointError, match="hf download meta-llama/Llama-2-7b-hf"):
+        checkpoints.load_model("llama-2-7b")
 
 
 def test_rope_is_a_rotation():

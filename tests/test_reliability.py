@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-import export
+from extras import export
+import checkpoints
 import model
 import sasq
 import train
@@ -24,8 +25,8 @@ def d(tmp_path_factory):
     (d / "text.txt").write_text("A short line of text for a tiny model. " * 200)
     (d / "blank.txt").write_text(" \n\t\n" * 500)
     (d / "nul.txt").write_text("\x00" * 2000)
-    m, _ = model.load(str(d / "other"))
-    sasq.save(d / "other.safetensors", m, sasq.attach(m, sasq.QuantConfig()), sasq.QuantConfig())
+    m, _ = checkpoints.load_model(str(d / "other"))
+    checkpoints.save_scales(d / "other.safetensors", m, sasq.attach(m, sasq.QuantConfig()), sasq.QuantConfig())
     return d
 
 
@@ -53,13 +54,13 @@ def test_final_save_failing_keeps_the_state_and_resume_writes_it(d, monkeypatch,
     out = d / "final.safetensors"
     argv = ["--ckpt", str(d / "tiny"), "--calib", str(d / "text.txt"), "--seq-len", "64", "--steps", "3",
             "--batch-size", "2", "--calib-windows", "2", "--heldout", "1", "--save-every", "0", "--out", str(out)]
-    real = sasq.save
-    monkeypatch.setattr(sasq, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    real = checkpoints.save_scales
+    monkeypatch.setattr(checkpoints, "save_scales", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(SystemExit, match="--resume"):
         train.main(argv)
     assert os.path.exists(f"{out}.state.pt") and not out.exists()
     assert torch.load(f"{out}.state.pt", weights_only=True)["step"] == 3
-    monkeypatch.setattr(sasq, "save", real)
+    monkeypatch.setattr(checkpoints, "save_scales", real)
     train.main(argv + ["--resume"])
     assert out.exists() and not os.path.exists(f"{out}.state.pt")
 
@@ -100,7 +101,7 @@ def test_eval_json_is_never_replaced_or_lost(d, capsys):
 
 
 def tiny_export(d, out, **kw):
-    m, tok = model.load(str(d / "tiny"))
+    m, tok = checkpoints.load_model(str(d / "tiny"))
     export.export(m, tok, str(out), dtype=torch.float32, **kw)
 
 
@@ -139,8 +140,8 @@ def test_scales_files_are_readable_by_others(d):
     """#9: sasq.save honours the umask (safetensors alone writes 0600)."""
     old = os.umask(0o022)
     try:
-        m, _ = model.load(str(d / "tiny"))
-        sasq.save(d / "mode.safetensors", m, sasq.attach(m, sasq.QuantConfig()), sasq.QuantConfig())
+        m, _ = checkpoints.load_model(str(d / "tiny"))
+        checkpoints.save_scales(d / "mode.safetensors", m, sasq.attach(m, sasq.QuantConfig()), sasq.QuantConfig())
         assert stat.S_IMODE(os.stat(d / "mode.safetensors").st_mode) == 0o644
     finally:
         os.umask(old)
@@ -165,7 +166,7 @@ def test_short_second_source_is_named(d):
 
 def test_plot_and_peers_check_before_loading(d, capsys):
     """#8, #16, #19: usage errors (exit 2) before any loading; existing plots are not replaced."""
-    import peers
+    from extras import peers
     import plot_activations
     pl = ["--ckpt", str(d / "tiny"), "--seq-len", "64"]
     usage_error(plot_activations.main, pl + ["--layers", "a"], capsys, "--layers a: write layer indices")
@@ -201,19 +202,19 @@ def test_eval_refuses_what_it_would_get_wrong(d, capsys):
 
 def test_bench_and_export_answer_bad_input_in_one_line(d, capsys):
     """#17, #20: bench.py is a CLI like the others; export checks --scales and --out before loading."""
-    import bench
+    from extras import bench
     for args, text in ((["--batches", "abc"], "--batches abc"), (["--tokenizer", str(d / "no.model")], "no such file"),
                        (["--load-dir", str(d / "nodir")], "no such folder"),
                        (["--out", str(d / "text.txt")], "not a folder we can write")):
         usage_error(bench.main, ["--tiny", "--sections", "linear", *args], capsys, text)
-    one_line(cli("bench.py", "--tiny", "--sections", "linear", "--tokenizer", str(d / "no.model")), 2, "no such file")
+    one_line(cli("-m", "extras.bench", "--tiny", "--sections", "linear", "--tokenizer", str(d / "no.model")), 2, "no such file")
     usage_error(export.main, ["--scales", str(d), "--out", str(d / "x")], capsys, "is a folder")
     usage_error(export.main, ["--out", str(d / "no" / "x")], capsys, "cannot write in")
 
 
 def test_bench_tiny_uses_the_cpu_on_a_gpu_machine(monkeypatch, tmp_path):
     """#22: --tiny runs on the CPU; with a GPU visible the timers must not switch to CUDA graphs."""
-    import bench
+    from extras import bench
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     res = bench.main(["--tiny", "--sections", "linear", "--reps", "2"])
     assert all(r["static torch"] > 0 for r in res["linear"] if not r["layer"].startswith("gate/up"))
@@ -222,10 +223,10 @@ def test_bench_tiny_uses_the_cpu_on_a_gpu_machine(monkeypatch, tmp_path):
 def test_torchrun_ranks_but_rank_0_stay_silent_on_a_bad_option():
     """#18: under torchrun each rank parses the command line; only rank 0 prints the usage error."""
     env = {**os.environ, "RANK": "1"}
-    r = subprocess.run([sys.executable, "fsdp.py", "--bogus"], cwd=ROOT, capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "extras.fsdp", "--bogus"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stderr == ""
     env["RANK"] = "0"
-    r = subprocess.run([sys.executable, "fsdp.py", "--bogus"], cwd=ROOT, capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "extras.fsdp", "--bogus"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
 
 
@@ -267,7 +268,7 @@ def test_two_process_drift_is_summation_order(smollm):
 
 def test_more_processes_than_gpus_is_one_line(monkeypatch):
     """torchrun --nproc-per-node=2 on a machine with one GPU: rank 1 said "invalid device ordinal" deep in CUDA."""
-    import fsdp
+    from extras import fsdp
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

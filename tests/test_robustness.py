@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import checkpoints
+import cli
 import sasq
 import train
 from conftest import ROOT, WIKITEXT, random_meta_state, write_meta
@@ -48,9 +50,9 @@ def files(tmp_path_factory):
     w.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     import model
-    m, _ = model.load(str(d / "other"))
+    m, _ = checkpoints.load_model(str(d / "other"))
     qs = sasq.attach(m, sasq.QuantConfig())
-    sasq.save(d / "other.safetensors", m, qs, sasq.QuantConfig())
+    checkpoints.save_scales(d / "other.safetensors", m, qs, sasq.QuantConfig())
     return d
 
 
@@ -76,10 +78,11 @@ def cases(d):
         "scales of another model": (ev + ["--scales", str(d / "other.safetensors")], 1, "another model"),
         "corrupt scales": (ev + ["--scales", str(d / "corrupt.safetensors")], 1, "not a readable scales"),
         "missing scales": (ev + ["--scales", str(d / "none.safetensors")], 2, "no such file"),
-        "dataset path": (["eval.py", "--ckpt", tiny, "--test", f"{d}/nodata:x:test"], 1, "cannot load dataset"),
-        "dataset config": (["eval.py", "--ckpt", tiny, "--test", f"{WIKITEXT}:nope:test"], 1, "cannot load dataset"),
-        "dataset split": (["eval.py", "--ckpt", tiny, "--test", f"{WIKITEXT}:wikitext-2-v1:train"], 1,
-                          "cannot load dataset"),
+        "dataset path": (["eval.py", "--ckpt", tiny, "--test", f"{d}/nodata:x:test"], 2, "no such file or folder"),
+        "dataset config": (["eval.py", "--ckpt", tiny, "--test", f"{WIKITEXT}:nope:test"], 2, "no config 'nope'"),
+        "dataset split": (["eval.py", "--ckpt", tiny, "--test", f"{WIKITEXT}:wikitext-2-v1:train"], 2,
+                          "no split 'train'"),
+        "calib misspelled": (TR[:4] + [str(d / "txet.txt")], 2, "txet.txt: no such file"),
         "seq-len too long": (["eval.py", "--ckpt", tiny, "--test", text, "--seq-len", "9999"], 1, "exceeds"),
         "seq-len below 2": (["eval.py", "--ckpt", tiny, "--seq-len", "1"], 2, "at least 2"),
         "text too short": (["eval.py", "--ckpt", tiny, "--test", str(d / "short.txt")], 1, "fewer than one window"),
@@ -105,21 +108,41 @@ def cases(d):
         "text not utf-8": (ev[:4] + [str(d / "latin1.txt"), "--seq-len", "64"], 1, "latin1.txt: not UTF-8"),
         "eval limit 0": (ev + ["--limit", "0"], 2, "--limit must be at least 1"),
         "plot windows 0": (["plot_activations.py", "--ckpt", tiny, "--windows", "0"], 2, "--windows must be at least 1"),
-        "bench reps 0": (["bench.py", "--tiny", "--reps", "0"], 2, "--reps must be at least 1"),
+        "bench reps 0": (["-m", "extras.bench", "--tiny", "--reps", "0"], 2, "--reps must be at least 1"),
     }
 
 
 @pytest.mark.parametrize("name", list(cases(ROOT).keys()))
-def test_bad_input_one_line_no_traceback(files, name):
+def test_bad_input_one_line_no_traceback(files, name, capsys):
     if name == "cuda without gpu" and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     argv, status, words = cases(files)[name]
     before = snapshot(files)
-    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    err = [line for line in r.stderr.splitlines() if line.strip() and "examples/s" not in line]
-    assert r.returncode == status, r.stderr
-    assert len(err) == 1 and words in err[0] and "Traceback" not in r.stderr, r.stderr
+    code, stderr = in_process(argv, capsys)
+    err = [line for line in stderr.splitlines() if line.strip() and "examples/s" not in line]
+    assert code == status, stderr
+    assert len(err) == 1 and words in err[0], stderr
     assert snapshot(files) == before          # nothing created, changed or removed
+
+
+def in_process(argv, capsys):
+    """A command run as cli.run_main runs it, in this process (a subprocess costs a second of imports):
+    (exit status, stderr). An exception run_main would not turn into one line fails the test."""
+    import importlib
+    module = argv[1] if argv[0] == "-m" else argv[0].removesuffix(".py")
+    main, args = importlib.import_module(module).main, argv[2 if argv[0] == "-m" else 1:]
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except cli.USER_ERRORS as e:
+        code = 1
+        print(f"error: {e}", file=sys.stderr)
+    return code, capsys.readouterr().err
 
 
 def test_train_refuses_to_overwrite(files, tmp_path):
@@ -140,7 +163,7 @@ def _setup(tiny_model):
 
 def test_interrupt_and_resume_equals_straight_run(tiny_model, tmp_path):
     qs, wins, init = _setup(tiny_model)
-    kw = dict(steps=10, batch_size=2, lr=2e-2, progress=False)
+    kw = dict(steps=10, batch_size=2, lr=2e-2)
     train.train_scales(tiny_model, qs, wins, **kw)
     straight = {k: v.clone() for k, v in qs.state_dict().items()}
     qs.load_state_dict(init)
@@ -153,11 +176,11 @@ def test_interrupt_and_resume_equals_straight_run(tiny_model, tmp_path):
         return forward(*args, **kwargs)
     tiny_model.forward = forward_then_sigint
     state = str(tmp_path / "state.pt")
-    with pytest.raises(train.Stopped, match="SIGINT after step 5"):
-        train.train_scales(tiny_model, qs, wins, state_path=state, **kw)
+    with pytest.raises(cli.Stopped, match="SIGINT after step 5"):
+        train.train_scales(tiny_model, qs, wins, harness=cli.Harness(state, progress=False), **kw)
     tiny_model.forward = forward
     qs.load_state_dict(init)                           # a fresh process would start from the PTQ init
-    train.train_scales(tiny_model, qs, wins, state_path=state, resume=True, **kw)
+    train.train_scales(tiny_model, qs, wins, harness=cli.Harness(state, resume=True, progress=False), **kw)
     assert all(torch.equal(straight[k], v) for k, v in qs.state_dict().items())
 
 
@@ -174,8 +197,8 @@ def test_nan_loss_stops_and_keeps_previous_scales(tiny_model):
             loss = loss * float("nan")
         return logits, loss
     tiny_model.forward = nan_at_step_3
-    with pytest.raises(train.NonFinite, match="non-finite loss or scale at step 3; kept the scales of step 2"):
-        train.train_scales(tiny_model, qs, wins, steps=8, batch_size=2, lr=2e-2, progress=False)
+    with pytest.raises(cli.NonFinite, match="non-finite loss or scale at step 3; kept the scales of step 2"):
+        train.train_scales(tiny_model, qs, wins, steps=8, batch_size=2, lr=2e-2)
     tiny_model.forward = forward
     kept = qs.state_dict()
     assert all(torch.equal(before_step3[k], kept[k]) for k in kept)
@@ -185,11 +208,11 @@ def test_nan_loss_stops_and_keeps_previous_scales(tiny_model):
 def test_exploding_lr_keeps_sane_scales(tiny_model):
     """--lr 1e9: log-scales of +-1e9 are finite numbers but e^(1e9) is not a scale; they must not be kept."""
     qs, wins, init = _setup(tiny_model)
-    with pytest.raises(train.NonFinite) as e:
-        train.train_scales(tiny_model, qs, wins, steps=5, batch_size=2, lr=1e9, progress=False)
+    with pytest.raises(cli.NonFinite) as e:
+        train.train_scales(tiny_model, qs, wins, steps=5, batch_size=2, lr=1e9)
     assert e.value.kept is not None
-    assert all(v.abs().max() <= train.LOG_LIMIT for v in qs.state_dict().values())
-    sasq.check_scales(qs.state_dict())
+    assert all(v.abs().max() <= cli.LOG_LIMIT for v in qs.state_dict().values())
+    checkpoints.check_scales(qs.state_dict())
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e9])
@@ -197,53 +220,55 @@ def test_non_finite_scales_refused_on_save_and_load(tiny_model, tmp_path, bad):
     qs = sasq.attach(tiny_model, sasq.QuantConfig())
     with torch.no_grad():
         qs[0]["attn"].log_scale[3] = bad
-    with pytest.raises(sasq.ScalesError, match="non-finite"):
-        sasq.save(tmp_path / "s.safetensors", tiny_model, qs, sasq.QuantConfig())
+    with pytest.raises(checkpoints.ScalesError, match="non-finite"):
+        checkpoints.save_scales(tmp_path / "s.safetensors", tiny_model, qs, sasq.QuantConfig())
     assert not (tmp_path / "s.safetensors").exists()
     from safetensors.torch import save_file        # a file edited by hand after training
     good = tmp_path / "good.safetensors"
     with torch.no_grad():
         qs[0]["attn"].log_scale[3] = 0.0
-    sasq.save(good, tiny_model, qs, sasq.QuantConfig())
+    checkpoints.save_scales(good, tiny_model, qs, sasq.QuantConfig())
     from safetensors import safe_open
     with safe_open(good, "pt") as f:
         meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     t["0.attn.log_scale"][3] = bad
     save_file(t, tmp_path / "edited.safetensors", metadata=meta)
     sasq.detach(tiny_model)
-    with pytest.raises(sasq.ScalesError, match="non-finite"):
-        sasq.load(tmp_path / "edited.safetensors", tiny_model)
+    with pytest.raises(checkpoints.ScalesError, match="non-finite"):
+        checkpoints.load_scales(tmp_path / "edited.safetensors", tiny_model)
 
 
 def test_out_created_during_run_is_not_overwritten(tiny_model, tmp_path):
     qs = sasq.attach(tiny_model, sasq.QuantConfig())
     out = tmp_path / "s.safetensors"
     out.write_bytes(b"made by another run meanwhile")
-    with pytest.raises(sasq.ScalesError, match="appeared while this run"):
-        sasq.save(out, tiny_model, qs, sasq.QuantConfig(), force=False)
+    with pytest.raises(checkpoints.ScalesError, match="appeared while this run"):
+        checkpoints.save_scales(out, tiny_model, qs, sasq.QuantConfig(), force=False)
     assert out.read_bytes() == b"made by another run meanwhile"
 
 
 def test_resume_refuses_other_settings_and_finishes_a_done_state(tiny_model, tmp_path):
     qs, wins, init = _setup(tiny_model)
     state, run = str(tmp_path / "state.pt"), {"lr": 2e-2, "abits": 4}
-    kw = dict(steps=4, batch_size=2, lr=2e-2, progress=False, state_path=state, save_every=4, run=run)
-    train.train_scales(tiny_model, qs, wins, **kw)          # the state now holds step 4 of 4: "interrupted
-    straight = {k: v.clone() for k, v in qs.state_dict().items()}   # after the last step"
+    kw = dict(steps=4, batch_size=2, lr=2e-2)
+    harness = lambda record, resume=False: cli.Harness(state, 4, resume, record, progress=False)  # noqa: E731
+    train.train_scales(tiny_model, qs, wins, harness=harness(run), **kw)   # the state holds step 4 of 4
+    straight = {k: v.clone() for k, v in qs.state_dict().items()}
     qs.load_state_dict(init)
-    with pytest.raises(sasq.ScalesError, match=r"another run \(lr 0.02 -> 5"):
-        train.train_scales(tiny_model, qs, wins, **{**kw, "run": {**run, "lr": 5}}, resume=True)
-    losses, first = train.train_scales(tiny_model, qs, wins, **kw, resume=True)
-    assert first is None and len(losses) == 4
+    with pytest.raises(checkpoints.ScalesError, match=r"another run \(lr 0.02 -> 5"):
+        train.train_scales(tiny_model, qs, wins, harness=harness({**run, "lr": 5}, True), **kw)
+    h = harness(run, True)
+    losses = train.train_scales(tiny_model, qs, wins, harness=h, **kw)
+    assert h.first is None and len(losses) == 4
     assert all(torch.equal(straight[k], v) for k, v in qs.state_dict().items())
 
 
 def test_json_rows_carry_the_scales_files_bits(files, tmp_path):
     import json
     import model
-    m, _ = model.load(str(files / "tiny"))
+    m, _ = checkpoints.load_model(str(files / "tiny"))
     cfg = sasq.QuantConfig(abits=6)
-    sasq.save(tmp_path / "a6.safetensors", m, sasq.attach(m, cfg), cfg)
+    checkpoints.save_scales(tmp_path / "a6.safetensors", m, sasq.attach(m, cfg), cfg)
     r = subprocess.run([sys.executable, "eval.py", "--ckpt", str(files / "tiny"), "--test", str(files / "text.txt"),
                         "--seq-len", "64", "--limit", "1", "--modes", "fp,w8", "--scales", str(tmp_path / "a6.safetensors"),
                         "--json", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import checkpoints
 import data
 import sasq
 import train
@@ -75,7 +76,7 @@ def test_training_changes_only_scales(tiny_model):
     sasq.calibrate(tiny_model, qs, wins, batch_size=4, progress=False)
     init = {k: v.clone() for k, v in qs.state_dict().items()}
     loss0 = tiny_model(wins[:, :-1], wins[:, 1:])[1].item()
-    losses, _ = train.train_scales(tiny_model, qs, wins, steps=60, batch_size=8, lr=5e-2, progress=False)
+    losses = train.train_scales(tiny_model, qs, wins, steps=60, batch_size=8, lr=5e-2)
     loss1 = tiny_model(wins[:, :-1], wins[:, 1:])[1].item()
     assert loss1 < loss0 - 0.05, (loss0, loss1)
     assert any(not torch.equal(init[k], v) for k, v in qs.state_dict().items())
@@ -91,18 +92,18 @@ def test_save_load_round_trip_and_wrong_model(tiny_model, tmp_path):
     qs = sasq.attach(tiny_model, sasq.QuantConfig(abits=6))
     sasq.calibrate(tiny_model, qs, torch.randint(0, 64, (4, 16)), progress=False)
     ref = tiny_model(x)[0]
-    sasq.save(tmp_path / "s.safetensors", tiny_model, qs, sasq.QuantConfig(abits=6))
+    checkpoints.save_scales(tmp_path / "s.safetensors", tiny_model, qs, sasq.QuantConfig(abits=6))
     sasq.detach(tiny_model)
-    _, cfg = sasq.load(tmp_path / "s.safetensors", tiny_model)
+    _, cfg = checkpoints.load_scales(tmp_path / "s.safetensors", tiny_model)
     assert cfg.abits == 6
     torch.testing.assert_close(tiny_model(x)[0], ref, atol=0, rtol=0)
     torch.manual_seed(1)
     other = model.Transformer(tiny_model.args)
-    with pytest.raises(sasq.ScalesError, match="another model"):
-        sasq.load(tmp_path / "s.safetensors", other)
+    with pytest.raises(checkpoints.ScalesError, match="another model"):
+        checkpoints.load_scales(tmp_path / "s.safetensors", other)
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
-    with pytest.raises(sasq.ScalesError, match="not a readable"):
-        sasq.load(tmp_path / "bad.safetensors", other)
+    with pytest.raises(checkpoints.ScalesError, match="not a readable"):
+        checkpoints.load_scales(tmp_path / "bad.safetensors", other)
 
 
 def test_smollm2_static_per_tensor_collapses_per_channel_does_not(smollm):
@@ -124,9 +125,9 @@ def test_smollm2_static_per_tensor_collapses_per_channel_does_not(smollm):
 
 def test_fingerprint_sees_a_merged_lora(tiny_model):
     """Every weight is sampled: a low-rank update of the projections alone changes the id."""
-    before = sasq.fingerprint(tiny_model)
+    before = checkpoints.fingerprint(tiny_model)
     with torch.no_grad():
         for layer in tiny_model.layers:
             w = layer.attention.wq.weight
             w += 1e-2 * torch.randn(w.shape[0], 2) @ torch.randn(2, w.shape[1])
-    assert sasq.fingerprint(tiny_model) != before
+    assert checkpoints.fingerprint(tiny_model) != before

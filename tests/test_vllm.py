@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-import baselines
+from extras import baselines
 import data
-import export
-import kvquant
+from extras import export
+from extras import kvquant
 import sasq
 import vllm_reader
 from conftest import CALIB_SPEC, ROOT, TEST_SPEC

@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 
 import cli
-import fsdp
+from extras import fsdp
 import model as llama
 import sasq
 import train
-from bench_kernels import build, by_kind, free, table
+from extras.bench_kernels import build, by_kind, free, table
 
 
 def train_flops_per_token(args, seq):
@@ -50,15 +50,16 @@ def sec_train(a, dev, args, results):
             r = {"checkpointing": ckpt, "batch": b}
             try:
                 t0 = time.perf_counter()
-                _, first = train.train_scales(m, qs, wins, steps, b, lr=1e-3, device=dev, progress=False)
-                step = (time.perf_counter() - t0 - first) / (steps - 1)
+                h = cli.Harness(progress=False)
+                train.train_scales(m, qs, wins, steps, b, lr=1e-3, device=dev, harness=h)
+                step = (time.perf_counter() - t0 - h.first) / (steps - 1)
             except torch.OutOfMemoryError:
                 rows.append({**r, "s/step": "OOM"})
                 print(f"checkpointing={ckpt} batch={b}: out of memory", flush=True)
                 break
             r.update({"s/step": step, "tokens/s": b * seq / step, "MFU": b * seq / step * flops / (peak_tflops * 1e12),
                       "peak GB": torch.cuda.max_memory_allocated() / 1e9 if gpu else float("nan"),
-                      "first step s": first, "500 x 8k tokens min": 500 * 8192 / (b * seq / step) / 60})
+                      "first step s": h.first, "500 x 8k tokens min": 500 * 8192 / (b * seq / step) / 60})
             rows.append(r)
     m.checkpointing = False
     if a.profile:
@@ -124,7 +125,7 @@ def qat_weights(m, qs, wins, seq, dev, flops, peak_tflops, batches):
 
 def profile_step(m, qs, wins, batch, dev):
     """Where the GPU time of training steps goes: kernels grouped by kind."""
-    groups = by_kind(lambda: train.train_scales(m, qs, wins, 1, batch, lr=1e-3, device=dev, progress=False), 3)
+    groups = by_kind(lambda: train.train_scales(m, qs, wins, 1, batch, lr=1e-3, device=dev), 3)
     total = sum(groups.values())
     return table([{"kernels": k, "ms per step": v, "share": v / total} for k, v in sorted(groups.items(), key=lambda kv: -kv[1])],
                  ["kernels", "ms per step", "share"], f"GPU time of a training step, batch {batch}, no checkpointing")
@@ -171,11 +172,13 @@ def sharded(argv=None):
     wins = torch.randint(args.vocab_size, (64, a.seq_len + 1))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    train.train_scales(model, qs, wins, 2, a.batch_size, 2e-2, device=device, progress=False, comm=comm)
+    train.train_scales(model, qs, wins, 2, a.batch_size, 2e-2, device=device,
+                       harness=cli.Harness(comm=comm, progress=False))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    train.train_scales(model, qs, wins, a.steps, a.batch_size, 2e-2, device=device, progress=False, comm=comm)
+    train.train_scales(model, qs, wins, a.steps, a.batch_size, 2e-2, device=device,
+                       harness=cli.Harness(comm=comm, progress=False))
     sync()
     sec = (time.perf_counter() - t0) / a.steps
     hd = args.dim // args.n_heads       # decoder linear weights per layer: q, o; k, v; w1, w2, w3
@@ -190,4 +193,4 @@ def sharded(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(sharded)
+    cli.run_main(sharded)

@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+import checkpoints
 import sasq
 
 
@@ -142,7 +143,7 @@ def rotate(model, seed=0):
     (`rotated_from`), so its fingerprint names the original weights and the signs, not bits of the float64
     arithmetic that differ between a GPU and a CPU."""
     a, p = model.args, model.tok_embeddings.weight
-    base = sasq.fingerprint(model)
+    base = checkpoints.fingerprint(model)
     signs = (torch.randint(0, 2, (a.dim,), generator=torch.Generator().manual_seed(seed)) * 2 - 1).to(p.device, torch.float64)
     q_in = lambda w: hadamard(w * signs)                                       # W @ Q      # noqa: E731
     q_out = lambda w: hadamard(w.T * signs).T                                  # Q.T @ W    # noqa: E731

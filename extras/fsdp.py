@@ -1,9 +1,9 @@
 """SASQ on several GPUs: train.py's recipe under torchrun, the frozen weights sharded by FSDP2. The options
-are train.py's (`python fsdp.py --help` lists them).
+are train.py's (`python -m extras.fsdp --help` lists them).
 
-    torchrun --nproc-per-node 2 fsdp.py --ckpt llama-2-13b --checkpointing      # one node, 2 GPUs
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 fsdp.py ...
-    torchrun --nproc-per-node 4 bench_train.py --shape 70b --checkpointing      # speed/memory, random weights
+    torchrun --nproc-per-node 2 -m extras.fsdp --ckpt llama-2-13b --checkpointing      # one node, 2 GPUs
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m extras.fsdp ...
+    torchrun --nproc-per-node 4 -m extras.bench_train --shape 70b --checkpointing      # speed/memory, random weights
 
 What changes against one process, and why it stays the same method:
   1. Loading: rank 0 reads the checkpoint into host memory (one copy per node, not one per rank) and cuts
@@ -19,7 +19,8 @@ What changes against one process, and why it stays the same method:
      per-batch absmax rows gives exactly the rows one process computes, so max and mean inits agree.
   5. Rank 0 alone prints and writes (scales, state, logs); every rank reads the state on --resume.
 With world size 1 each of these is the identity: train.py's single-process code path, which this file
-uses (train.prepare, train.run, train.train_scales take a `comm`; they never import this file).
+uses (train.prepare and train.recipe take a `comm`, cli.Harness the loop's; they never import
+this file).
 """
 import os
 import sys
@@ -27,6 +28,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import checkpoints
 import cli
 import model as llama
 import sasq
@@ -124,7 +126,7 @@ def load(a, comm, device, prepare):
     rank gets a sharded model and the same windows. Returns (model, train, calib, held, fingerprint)."""
     if comm.rank == 0:
         cpu, train, calib, held = prepare(a, "cpu")
-        meta = (cpu.args, train, calib, held, sasq.fingerprint(cpu))
+        meta = (cpu.args, train, calib, held, checkpoints.fingerprint(cpu))
         full = cpu.state_dict()
     meta = comm.broadcast(meta if comm.rank == 0 else None)
     args, train, calib, held, fp = meta
@@ -143,18 +145,22 @@ def load(a, comm, device, prepare):
 def main(argv=None):
     a = train.parse_args(argv)
     if "RANK" not in os.environ:
-        raise ValueError("fsdp.py runs under torchrun (torchrun --nproc-per-node N fsdp.py ...); one process: train.py")
-    if a.rotate or a.kv_bits:
-        raise ValueError("--rotate and --kv-bits are not supported under torchrun yet; use one GPU (train.py)")
+        raise ValueError("extras.fsdp runs under torchrun (torchrun --nproc-per-node N -m extras.fsdp "
+                         "...); one process: train.py")
+    if a.rotate or a.kv_bits:          # a usage error, explained by rank 0 alone
+        if os.environ.get("RANK", "0") == "0":
+            print("extras.fsdp: error: --rotate and --kv-bits are not supported under torchrun yet; "
+                  "use one GPU (train.py)", file=sys.stderr)
+        sys.exit(2)
     torch.manual_seed(a.seed)
     comm, a.device = setup(a.device)
     try:
         model, train_wins, calib_wins, held, fingerprint = load(a, comm, a.device, train.prepare)
         print(f"{comm.world} processes, FSDP2: global batch {comm.world} x {a.batch_size} windows")
-        train.run(a, model, train_wins, calib_wins, held, fingerprint, comm)
+        train.recipe(a, model, train_wins, calib_wins, held, fingerprint, comm)
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run_main(main)

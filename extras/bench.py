@@ -39,15 +39,16 @@ import types
 
 import torch
 
-import bench_kernels as kern
-import bench_train
+from extras import bench_kernels as kern
+from extras import bench_train
+import checkpoints
 import cli
-import int8
-import kvcache
-import kvquant
+from extras import int8
+from extras import kvcache
+from extras import kvquant
 import model as llama
 import sasq
-from bench_kernels import VARIANTS, build, free, table, timed, use, use_variant, variants, weight_bytes
+from extras.bench_kernels import VARIANTS, build, free, table, timed, use, use_variant, variants, weight_bytes
 
 SECTIONS = ("peak", "linear", "infer", "eval", "train", "load", "kv", "sweep")
 DEFAULT = SECTIONS[:-1]
@@ -251,7 +252,7 @@ def write_hf(m, args, folder, tokenizer):
     """Save `m` as a Hugging Face folder (export.py's names, q/k order and config.json), in 2 safetensors
     shards as the hub's 7B has, with the tokenizer."""
     from safetensors.torch import save_file
-    import export
+    from extras import export
     sd = {k: v.cpu() for k, v in export.to_hf(m.state_dict(), args).items()}
     keys = list(sd)
     for j, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
@@ -262,7 +263,7 @@ def write_hf(m, args, folder, tokenizer):
 
 
 def sec_load(a, dev, args, results):
-    """Time llama.load on a HF-layout folder of the 7B shape (written first, so the page cache is warm)."""
+    """Time checkpoints.load_model on a HF-layout folder of the 7B shape (written first, so the page cache is warm)."""
     if not a.tokenizer:
         print("\n## load: skipped (needs --tokenizer PATH/tokenizer.model)")
         return []
@@ -274,7 +275,7 @@ def sec_load(a, dev, args, results):
         free()
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
         t0 = time.perf_counter()
-        m, _ = llama.load(folder, dev, torch.bfloat16)
+        m, _ = checkpoints.load_model(folder, dev, torch.bfloat16)
         if dev == "cuda":
             torch.cuda.synchronize()
         load_s = time.perf_counter() - t0
@@ -359,4 +360,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run_main(main)

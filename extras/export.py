@@ -25,9 +25,10 @@ import shutil
 
 import torch
 
+import checkpoints
 import cli
 import data
-import kvquant
+from extras import kvquant
 import model as llama
 import sasq
 
@@ -36,12 +37,12 @@ SHARD_BYTES = 4 << 30       # safetensors shards of at most 4 GiB, with an index
 
 # --------------------------------------------------------------------------- Meta names -> HF names
 
-TO_HF_TOP = {v: k for k, v in llama.HF_TOP.items()}
-TO_HF_LEAF = {v: k for k, v in llama.HF_LEAF.items()}
+TO_HF_TOP = {v: k for k, v in checkpoints.HF_TOP.items()}
+TO_HF_LEAF = {v: k for k, v in checkpoints.HF_LEAF.items()}
 
 
 def permute_meta_to_hf(w, n_heads):
-    """The inverse of model._permute_hf_to_meta: adjacent RoPE pairs -> HF's halves. w: (n*hd, dim)."""
+    """The inverse of checkpoints._permute_hf_to_meta: adjacent RoPE pairs -> HF's halves. w: (n*hd, dim)."""
     d, dim = w.shape
     return w.view(n_heads, d // n_heads // 2, 2, dim).transpose(1, 2).reshape(d, dim)
 
@@ -91,15 +92,15 @@ QUANTIZATION_CONFIG = {
 def check_foldable(cfg: sasq.QuantConfig, a: llama.ModelArgs):
     """Refuse, in one line, scales that no per-tensor static W8A8 engine format can hold."""
     if cfg.act != "static" or cfg.wbits != 8 or cfg.abits != 8:
-        raise sasq.ScalesError(f"export writes static W8A8; these scales are W{cfg.wbits}A{cfg.abits} {cfg.act}")
+        raise checkpoints.ScalesError(f"export writes static W8A8; these scales are W{cfg.wbits}A{cfg.abits} {cfg.act}")
     if cfg.truncation:
-        raise sasq.ScalesError("these scales were trained with c*tanh(x/c) truncation, which no engine format "
+        raise checkpoints.ScalesError("these scales were trained with c*tanh(x/c) truncation, which no engine format "
                                "holds; train them with train.py --deployable")
     if cfg.rotate is not None and not cfg.w2_tensor:
-        raise sasq.ScalesError("these rotated scales have a per-channel w2-input scale behind the online Hadamard, "
+        raise checkpoints.ScalesError("these rotated scales have a per-channel w2-input scale behind the online Hadamard, "
                                "which folds nowhere; train them with train.py --deployable --rotate")
     if not cfg.tied_wo and a.n_kv_heads != a.n_heads:
-        raise sasq.ScalesError(f"the wo scales are not tied across the {a.n_heads // a.n_kv_heads} query heads "
+        raise checkpoints.ScalesError(f"the wo scales are not tied across the {a.n_heads // a.n_kv_heads} query heads "
                                "of each kv head (GQA), so they cannot fold into wv; train with --deployable")
 
 
@@ -154,7 +155,7 @@ TRANSFORM_CONFIG = {"config_groups": {R4: {
 
 def w2_transform(model) -> dict:
     """HF-named V = sqrt(n) H, the down_proj input transform of a rotated model; {} when it is not rotated."""
-    import baselines
+    from extras import baselines
     ffs = [layer.feed_forward for layer in model.layers]
     if not isinstance(ffs[0].w2_in, baselines.Hadamard):
         return {}
@@ -213,7 +214,7 @@ def write_folder(out, sd: dict, config: dict, tok, force=False):
     out = out.rstrip("/")
     parent, name = os.path.dirname(os.path.abspath(out)), os.path.basename(out)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.writing-")
-    os.chmod(tmp, 0o777 & ~sasq.current_umask())         # mkdtemp makes 0700: readable as the umask says
+    os.chmod(tmp, 0o777 & ~checkpoints.current_umask())         # mkdtemp makes 0700: readable as the umask says
     try:
         shards, size = [[]], 0
         for k, v in sd.items():
@@ -225,7 +226,7 @@ def write_folder(out, sd: dict, config: dict, tok, force=False):
         names = ["model.safetensors"] if len(shards) == 1 else \
             [f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors" for j in range(len(shards))]
         for shard, keys in zip(names, shards):
-            sasq.save_safetensors({k: sd[k] for k in keys}, os.path.join(tmp, shard), {"format": "pt"})
+            checkpoints.save_safetensors({k: sd[k] for k in keys}, os.path.join(tmp, shard), {"format": "pt"})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())},
                      "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
@@ -276,7 +277,7 @@ def export(model, tok, out, quantizers=None, dtype=torch.bfloat16, force=False, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {llama.DEFAULT_CKPT}, the embedded GGUF)")
+    p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {checkpoints.DEFAULT_CKPT}, the embedded GGUF)")
     p.add_argument("--scales", default=None, help="SASQ scales from train.py --deployable; without them the "
                    "plain float model is written")
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
@@ -301,21 +302,21 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype)
     # the int8 codes are those of W * s: W in the precision the scales were trained with (train.py records it;
     # bf16 weights give other codes than fp32 ones, 2.3 % of them for SmolLM2), whatever --dtype the floats get
-    trained = json.loads(sasq.read_meta(a.scales)[0].get("extra", "{}")).get("dtype") if a.scales else None
+    trained = json.loads(checkpoints.read_scales_meta(a.scales)[0].get("extra", "{}")).get("dtype") if a.scales else None
     kv_cfg = kvquant.read_config(a.scales) if a.scales else None
     if kv_cfg is not None:                       # before loading: engines take 8-bit per-tensor KV scales only
         kvquant.kv_cache_scheme(kv_cfg)
-    model, tok = llama.load(a.ckpt, "cpu", getattr(torch, trained) if trained else dtype)
+    model, tok = checkpoints.load_model(a.ckpt, "cpu", getattr(torch, trained) if trained else dtype)
     if a.scales and not trained:
         print(f"{a.scales} does not record the weights' precision it was trained in: codes from {a.dtype} weights")
     quantizers = kv = None
     if a.scales:
-        cfg = sasq.read_config(a.scales)
+        cfg = checkpoints.read_scales_config(a.scales)
         check_foldable(cfg, model.args)          # before attaching: one line, nothing written
         if cfg.rotate is not None:               # the same rotation the scales were trained on
-            import baselines
+            from extras import baselines
             baselines.rotate(model, cfg.rotate)
-        quantizers, _ = sasq.load(a.scales, model)
+        quantizers, _ = checkpoints.load_scales(a.scales, model)
         kv, _ = kvquant.load(a.scales, model, quantizers)
     export(model, tok, a.out, quantizers, dtype, a.force, kv)
     kind = ("SASQ static W8A8" + (f" + static KV{kv_cfg['bits']} {kv_cfg['format']}" if kv_cfg else "") +
@@ -324,4 +325,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run_main(main)

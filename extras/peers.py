@@ -18,6 +18,7 @@ import shutil
 
 import torch
 
+import checkpoints
 import cli
 import data
 import model as llama
@@ -79,7 +80,7 @@ def main(argv=None):
     if there and not a.force:
         p.exit(2, f"{p.prog}: error: {', '.join(os.path.join(a.out, n) for n in there)} exist(s); pass --force "
                   "to replace them\n")
-    _, tok = llama.load(a.hf)             # our tokenizer: the same calibration windows as train.py
+    _, tok = checkpoints.load_model(a.hf)             # our tokenizer: the same calibration windows as train.py
     wins = data.token_windows(tok, a.calib, a.seq_len, a.calib_windows)
     os.makedirs(a.out, exist_ok=True)
     for name in names:
@@ -87,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run_main(main)

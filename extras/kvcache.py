@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-import kvquant
+from extras import kvquant
 
 try:
     import triton

@@ -21,6 +21,7 @@ import json
 import torch
 import torch.nn as nn
 
+import checkpoints
 import sasq
 
 FP8_MAX = 448.0                      # the largest finite float8_e4m3fn
@@ -45,7 +46,7 @@ class FP8STE(torch.autograd.Function):
 class KVQuantizer(nn.Module):
     """x (B, n_kv, T, head_dim) -> s * grid(x / s), in x's dtype. `pre`: the wo input's ActQuantizer when its
     scale is folded into wv (deployable), so the grid sees v / s_wo as the exported model computes it."""
-    is_quantizer = True              # sasq.fingerprint leaves its parameters out
+    is_quantizer = True              # checkpoints.fingerprint leaves its parameters out
 
     def __init__(self, n_kv, head_dim, bits, fmt="int", granularity="tensor", pre=None):
         super().__init__()
@@ -131,13 +132,13 @@ def config(kv) -> dict:
 
 
 def to_save(kv):
-    """(tensors, metadata) for sasq.save(more=...): the scales under "kv.", the config in "kv_config"."""
+    """(tensors, metadata) for checkpoints.save_scales(more=...): the scales under "kv.", the config in "kv_config"."""
     return {f"kv.{k}": v for k, v in kv.state_dict().items()}, {"kv_config": json.dumps(config(kv))}
 
 
 def read_config(path) -> dict | None:
     """The KV config a scales file was trained with, or None (no KV quantizers in it)."""
-    meta = sasq.read_meta(path)[0]
+    meta = checkpoints.read_scales_meta(path)[0]
     return json.loads(meta["kv_config"]) if "kv_config" in meta else None
 
 
@@ -150,12 +151,12 @@ def load(path, model, quantizers=None, override=None):
         return None, None
     kv = attach(model, cfg["bits"], cfg["format"], "token" if override == "token" else cfg["granularity"], quantizers)
     if override is None:
-        tensors = {k[3:]: v for k, v in sasq.read(path)[1].items() if k.startswith("kv.")}
+        tensors = {k[3:]: v for k, v in checkpoints.read_scales(path)[1].items() if k.startswith("kv.")}
         try:
             kv.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
             detach(model)
-            raise sasq.ScalesError(f"{path}: KV scales do not fit this model ({' '.join(str(e).split())[:200]})") from None
+            raise checkpoints.ScalesError(f"{path}: KV scales do not fit this model ({' '.join(str(e).split())[:200]})") from None
     return kv, cfg
 
 

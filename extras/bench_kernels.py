@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import int8
+from extras import int8
 import model as llama
 import sasq
 
