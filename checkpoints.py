@@ -348,6 +348,11 @@ def load_model(ckpt=None, device="cpu", dtype=torch.float32):
 
 # --------------------------------------------------------------------------- scales files
 
+# ModelArgs fields added after scales files were first written: left out of the id while unset, so
+# those files still match their models
+LATER_FIELDS = ("rope_scaling", "qkv_bias")
+
+
 def fingerprint(model, raw=False) -> str:
     """A short id of the weights: the config and a strided sample (~4k values) of every float weight,
     rounded to bf16, so the id is the same for fp32 and bf16 loads but changes for a fine-tune or a
@@ -356,7 +361,8 @@ def fingerprint(model, raw=False) -> str:
     if getattr(model, "rotated_from", None) and not raw:
         base, seed = model.rotated_from
         return hashlib.sha256(f"{base} rotated with seed {seed}".encode()).hexdigest()[:16]
-    h = hashlib.sha256(json.dumps(asdict(model.args), sort_keys=True).encode())
+    args = {k: v for k, v in asdict(model.args).items() if not (k in LATER_FIELDS and not v)}
+    h = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
     skip = {id(p) for m in model.modules() if getattr(m, "is_quantizer", False) for p in m.parameters()}
     for p in model.parameters():
         if id(p) not in skip:
@@ -432,7 +438,7 @@ def load_scales(path, model):
     return quantizers, cfg
 
 
-# --------------------------------------------------------------------------- training state (--resume)
+# ----------------------------------------------------------------------- training state (--resume)
 
 def save_state(path, state: dict):
     """Everything a run needs to resume (train.py), atomically. torch.save reports a full disk as a

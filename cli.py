@@ -109,7 +109,7 @@ def run_main(main):
         sys.exit(f"error: {e}")
 
 
-# --------------------------------------------------------------------------- a training run that survives
+# -------------------------------------------------------------------- a training run that survives
 
 class Stopped(Exception):
     """Training ended early on a signal; the message says why, and where the state is."""

@@ -190,7 +190,7 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 1, device="cpu", pro
     return math.exp(nll / count)
 
 
-# --------------------------------------------------------------------------- text the model writes itself
+# -------------------------------------------------------------------- text the model writes itself
 # Liu et al. (LLM-QAT, arXiv 2305.17888) calibrate on text the float model writes: a random first token, a
 # few greedy tokens, then sampling at temperature 1. Text drawn from the model's own distribution covers
 # what the model knows, not one corpus' style, so scales trained on it are less fitted to one text

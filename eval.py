@@ -27,7 +27,6 @@ import torch
 import checkpoints
 import cli
 import data
-import model as llama
 import sasq
 
 DYNAMIC = lambda w, a: sasq.QuantConfig(wbits=w, abits=a, act="dynamic")                         # noqa: E731

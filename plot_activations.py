@@ -19,7 +19,6 @@ import torch  # noqa: E402
 import checkpoints
 import cli  # noqa: E402
 import data  # noqa: E402
-import model as llama  # noqa: E402
 import sasq  # noqa: E402
 
 

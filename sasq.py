@@ -1,4 +1,5 @@
-"""SASQ: quantization-aware training of static activation scales only (Mao, Chen, Kang; arXiv 2512.14481).
+"""SASQ: quantization-aware training of static activation scales only (Mao, Chen, Kang;
+arXiv 2512.14481).
 
 Read top to bottom, this file is the method:
   1. the rounding straight-through estimator and the integer grid;
@@ -12,11 +13,11 @@ imports no other file of the project; checkpoints.py saves and loads what it mak
 
 Example usage (prepare -> calibrate -> train -> freeze):
 
-    model, tok = checkpoints.load_model()                       # any LLaMA-architecture checkpoint
-    quantizers = sasq.attach(model, sasq.RECIPES["paper"])      # fake quantizers at 4 points a layer
-    sasq.calibrate(model, quantizers, calib_windows)            # PTQ init of the scales
+    model, tok = checkpoints.load_model()                    # a LLaMA-architecture checkpoint
+    quantizers = sasq.attach(model, sasq.RECIPES["paper"])   # fake quantizers, 4 points a layer
+    sasq.calibrate(model, quantizers, calib_windows)         # PTQ init of the scales
     train.train_scales(model, quantizers, windows, steps=100, batch_size=4, lr=2e-2)
-    sasq.freeze(model)                                          # static: nothing computed at run time
+    sasq.freeze(model)                                       # static: nothing computed at run time
 """
 import contextlib
 import math
@@ -28,10 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# --------------------------------------------------------------------------- 1. rounding and the grid
+# ------------------------------------------------------------------------ 1. rounding and the grid
 
 class RoundSTE(torch.autograd.Function):
-    """Forward: round to nearest (ties to even). Backward: identity, d round(v)/dv := 1 (straight-through)."""
+    """Forward: round to nearest (ties to even). Backward: identity, d round(v)/dv := 1
+    (the straight-through estimator)."""
 
     @staticmethod
     def forward(ctx, v):
@@ -77,7 +79,7 @@ def quantize_weight(w, bits):
     return RoundSTE.apply(w / sw[:, None]), sw                 # |w / sw| <= qmax: no clamp needed
 
 
-# --------------------------------------------------------------------------- 2. a quantization point
+# ------------------------------------------------------------------------- 2. a quantization point
 
 @dataclass
 class QuantConfig:
@@ -86,12 +88,12 @@ class QuantConfig:
     act: str = "static"            # static (SASQ, PTQ) | dynamic (per-token absmax at run time)
     per_channel: bool = True       # static scales per input channel, or one per tensor
     truncation: bool = True        # learnable c * tanh(x / c) at the attention and FFN inputs
-    tied_wo: bool = False          # one wo-input scale per kv channel, shared by its query heads (GQA):
-                                   # then it folds into the rows of wv (extras/export.py)
-    clip: float = 1.0              # dynamic only: per-token scale = clip * absmax / qmax (QuaRot: 0.9)
-    rotate: int | None = None      # the seed of a rotation applied before attaching (extras/baselines)
-    w2_tensor: bool = False        # one static scale for the w2 input (deployable + rotated: an online
-                                   # Hadamard before w2 keeps a per-channel scale from folding into w3)
+    tied_wo: bool = False          # one wo-input scale per kv channel, shared by its query
+                                   # heads (GQA): then it folds into the rows of wv
+    clip: float = 1.0              # dynamic only: scale = clip * absmax / qmax (QuaRot: 0.9)
+    rotate: int | None = None      # the seed of a rotation applied first (extras/baselines.py)
+    w2_tensor: bool = False        # one static scale for the w2 input (deployable + rotated: an
+                                   # online Hadamard before w2 keeps a scale from folding into w3)
 
     def __post_init__(self):
         for b in (self.wbits, self.abits):
@@ -101,8 +103,8 @@ class QuantConfig:
             raise ValueError(f"act must be 'static' or 'dynamic', got {self.act!r}")
 
 
-# the named recipes: the paper's (soft truncation, scales per channel), and the one an engine can load,
-# whose every scale folds into the weights (no truncation; wo scales tied across each GQA group)
+# the named recipes: the paper's (soft truncation, scales per channel), and the one an engine can
+# load, whose every scale folds into the weights (no truncation; wo scales tied per GQA group)
 RECIPES = {"paper": QuantConfig(),
            "deployable": QuantConfig(truncation=False, tied_wo=True)}
 
@@ -114,7 +116,7 @@ class ActQuantizer(nn.Module):
     `groups=(n_kv, n_rep, head_dim)` ties the scales of the wo input (n_heads * head_dim channels)
     across the n_rep query heads that read one kv head: n_kv * head_dim trained scales, expanded."""
 
-    is_quantizer = True              # fingerprint() leaves quantizers' parameters out (kvquant.py's too)
+    is_quantizer = True              # checkpoints.fingerprint leaves quantizers' parameters out
 
     def __init__(self, dim: int, cfg: QuantConfig, norm_input: bool, groups=None, per_channel=None):
         super().__init__()
@@ -126,12 +128,12 @@ class ActQuantizer(nn.Module):
         use_c = norm_input and cfg.truncation and cfg.act == "static" and cfg.abits is not None
         self.log_c = nn.Parameter(torch.full((dim,), math.log(1e4))) if use_c else None
         self.clip = cfg.clip
-        self.decode = "static"         # "dynamic": decode steps (one token) take per-token scales instead
+        self.decode = "static"   # "dynamic": one-token decode steps take per-token scales instead
 
     def scale(self):
         """The static scale per input channel, (dim,) (or (1,) per tensor)."""
         s = self.log_scale.exp()
-        if self.groups is not None and s.numel() > 1:          # (n_kv, hd) -> (n_kv, n_rep, hd) -> (dim,)
+        if self.groups is not None and s.numel() > 1:    # (n_kv, hd) -> (n_kv, n_rep, hd) -> (dim,)
             n_kv, n_rep, hd = self.groups
             s = s.view(n_kv, 1, hd).expand(n_kv, n_rep, hd).reshape(-1)
         return s
@@ -143,28 +145,30 @@ class ActQuantizer(nn.Module):
         if self.bits is None:
             return x, None
         x = self.truncate(x)
-        if not self.per_token(x):                             # SASQ: static scales, fixed before inference
+        if not self.per_token(x):             # SASQ: static scales, fixed before inference
             s = self.scale()
             return quantize(x, s, self.bits), s
-        if self.mode == "static":        # a static model decoding with per-token scales (--decode dynamic): the
-            x = x / self.scale()         # folded model's weights are W * s, so its activation is x / s (export.py)
+        if self.mode == "static":  # a static model decoding with per-token scales (--decode
+            x = x / self.scale()   # dynamic): the folded weights are W * s, the activation x / s
         # the dynamic baseline: a max over channels, every token, at run time
         s = token_scale(x, self.bits, self.clip)
         return quantize(x, s, self.bits), s
 
     def per_token(self, x):
-        """Does this call use run-time per-token scales? In dynamic mode always; with static scales only
-        for one-token decode steps when decode == "dynamic" (static prefill, dynamic decode)."""
+        """Does this call use run-time per-token scales? In dynamic mode always; with static scales
+        only for one-token decode steps when decode == "dynamic" (static prefill, dynamic
+        decode)."""
         return self.mode == "dynamic" or (self.decode == "dynamic" and x.shape[-2] == 1)
 
 
-# --------------------------------------------------------------------------- 3. the quantized linear
+# ------------------------------------------------------------------------- 3. the quantized linear
 
 class QuantLinear(nn.Module):
     """y = x @ W.T computed as (x / s) @ (W * s).T with both factors on an integer grid.
 
     codes (..., in) x weight codes (out, in) -> integer sums; times the per-column weight scale
-    (and the per-token scale when dynamic). A static scale never reaches the output: it lives in W * s.
+    (and the per-token scale when dynamic). A static scale never reaches the output: it lives in
+    W * s. A bias (Qwen2's q/k/v) is added after, in float, as the INT8 GEMM's epilogue adds it.
     """
 
     def __init__(self, linear: nn.Linear, act: ActQuantizer, wbits):
@@ -188,19 +192,20 @@ class QuantLinear(nn.Module):
             return self.linear(x)
         q, s = self.act(x)
         codes, sw = self.folded_weight()
-        y = F.linear(q.to(codes.dtype), codes)                # the int8 GEMM (exact in fp32 accumulation)
+        y = F.linear(q.to(codes.dtype), codes)           # the int8 GEMM (exact in fp32 sums)
         if sw is not None:
             y = y * sw.to(y.dtype)
-        if s is not None and self.act.per_token(x):           # per-token scales stay outside the GEMM
+        if s is not None and self.act.per_token(x):      # per-token scales stay outside the GEMM
             y = y * s.to(y.dtype)
-        return y
+        return y if self.linear.bias is None else y + self.linear.bias
 
 
-# --------------------------------------------------------------------------- 4. attach / detach / freeze
+# --------------------------------------------------------------------- 4. attach / detach / freeze
 
 class Point(NamedTuple):
-    """A quantization point: the sub-module of a decoder layer, the linears that read the activation, and
-    whether it follows a norm (the attention and FFN inputs: the soft truncation applies there)."""
+    """A quantization point: the sub-module of a decoder layer, the linears that read the
+    activation, and whether it follows a norm (the attention and FFN inputs: the soft truncation
+    applies there)."""
     sub: str
     readers: tuple
     after_norm: bool
@@ -213,20 +218,23 @@ POINTS = {"attn": Point("attention", ("wq", "wk", "wv"), True),       # after at
 
 
 def points(model):
-    """Walk the quantization points: (layer index, point, the sub-module holding the readers, reader names)."""
+    """Walk the quantization points: (layer index, point, the sub-module holding the readers,
+    reader names)."""
     for i, layer in enumerate(model.layers):
         for point, p in POINTS.items():
             yield i, point, getattr(layer, p.sub), p.readers
 
 
 def attach(model, cfg: QuantConfig) -> nn.ModuleList:
-    """Swap the decoder's linears for QuantLinears; returns the quantizers, quantizers[layer][point]."""
+    """Swap the decoder's linears for QuantLinears; returns the quantizers[layer][point]."""
     quantizers = nn.ModuleList(nn.ModuleDict() for _ in model.layers)
     for i, point, parent, names in points(model):
         at = model.layers[i].attention
-        groups = (at.n_kv_heads, at.n_heads // at.n_kv_heads, at.head_dim) if point == "wo" and cfg.tied_wo else None
+        tied = point == "wo" and cfg.tied_wo
+        groups = (at.n_kv_heads, at.n_heads // at.n_kv_heads, at.head_dim) if tied else None
         per_channel = cfg.per_channel and not (point == "w2" and cfg.w2_tensor)
-        q = quantizers[i][point] = ActQuantizer(getattr(parent, names[0]).in_features, cfg, POINTS[point].after_norm, groups,
+        dim = getattr(parent, names[0]).in_features
+        q = quantizers[i][point] = ActQuantizer(dim, cfg, POINTS[point].after_norm, groups,
                                                 per_channel)
         for n in names:
             setattr(parent, n, QuantLinear(getattr(parent, n), q, cfg.wbits))
@@ -249,7 +257,7 @@ def quant_linears(model):
 
 @contextlib.contextmanager
 def float_model(model):
-    """Inside this block the model runs in float: every QuantLinear (and KV-cache quantizer, kvquant.py) is
+    """Inside this block the model runs in float: every QuantLinear (and KV-cache quantizer) is
     bypassed (calibration, KL teacher)."""
     qls = [m for m in model.modules() if hasattr(m, "bypass")]
     before = [m.bypass for m in qls]          # nested blocks restore what they found
@@ -280,12 +288,13 @@ def unfreeze(model):
 
 @torch.no_grad()
 def observe(model, wins, batch_size=1, progress=True):
-    """The float model's per-channel absmax at every quantization point, one row per calibration batch:
-    stats[layer][point] is (batches, dim) fp32. Forward pre-hooks on each point's first reader record it
-    (a point read by q, k and v is recorded once); attached quantizers are bypassed meanwhile."""
+    """The float model's per-channel absmax at every quantization point, one row per calibration
+    batch: stats[layer][point] is (batches, dim) fp32. Forward pre-hooks on each point's first
+    reader record it (a point read by q, k and v once); attached quantizers are bypassed."""
     from tqdm import tqdm
     stats = [{p: [] for p in POINTS} for _ in model.layers]
-    record = lambda rows: lambda mod, args: rows.append(args[0].detach().abs().flatten(0, -2).amax(0).float())  # noqa: E731
+    def record(rows):
+        return lambda mod, args: rows.append(args[0].detach().abs().flatten(0, -2).amax(0).float())
     hooks = [getattr(parent, names[0]).register_forward_pre_hook(record(stats[i][point]))
              for i, point, parent, names in points(model)]
     device = next(model.parameters()).device
@@ -305,14 +314,14 @@ INIT = "max"    # the PTQ init of the recipe (train.py --init); the paper's is "
 
 @torch.no_grad()
 def init_scales(quantizers, stats, method=INIT, trunc_mult=4.0):
-    """Initial static scales from observe()'s rows: per channel, `max` (or `mean`) over batches of the
-    batch's absmax, divided by qmax. Truncation thresholds start at trunc_mult x the absmax."""
+    """Initial static scales from observe()'s rows: per channel, `max` (or `mean`) over batches of
+    the batch's absmax, divided by qmax. Truncation thresholds start at trunc_mult x the absmax."""
     for q, a in ((quantizers[i][p], stats[i][p]) for i in range(len(stats)) for p in POINTS):
         if q.log_c is not None:
             q.log_c.copy_((trunc_mult * a.amax(0).clamp(min=1e-6)).log())
         if q.log_scale.numel() == 1:
-            a = a.amax(-1, keepdim=True)                        # per tensor: the batch's overall absmax
-        elif q.groups is not None:                              # tied wo: the max over the query heads of a group
+            a = a.amax(-1, keepdim=True)          # per tensor: the batch's overall absmax
+        elif q.groups is not None:                # tied wo: the max over a group's query heads
             n_kv, n_rep, hd = q.groups
             a = a.view(-1, n_kv, n_rep, hd).amax(2).flatten(1)
         init = a.mean(0) if method == "mean" else a.amax(0)
@@ -320,5 +329,6 @@ def init_scales(quantizers, stats, method=INIT, trunc_mult=4.0):
 
 
 def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0, progress=True):
-    """PTQ initialisation: observe the float model on calibration windows, set the scales from what it saw."""
+    """PTQ initialisation: observe the float model on calibration windows, set the scales from what
+    it saw."""
     init_scales(quantizers, observe(model, wins, batch_size, progress), method, trunc_mult)

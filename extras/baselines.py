@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 
 import checkpoints
-import sasq
 
 
 # --------------------------------------------------------------------------- 1. SmoothQuant

@@ -21,7 +21,6 @@ import torch
 import checkpoints
 import cli
 import data
-import model as llama
 
 
 def recipes():

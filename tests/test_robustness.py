@@ -49,7 +49,6 @@ def files(tmp_path_factory):
     w = gguf.GGUFWriter(str(d / "nofields.gguf"), "llama")
     w.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    import model
     m, _ = checkpoints.load_model(str(d / "other"))
     qs = sasq.attach(m, sasq.QuantConfig())
     checkpoints.save_scales(d / "other.safetensors", m, qs, sasq.QuantConfig())
@@ -265,7 +264,6 @@ def test_resume_refuses_other_settings_and_finishes_a_done_state(tiny_model, tmp
 
 def test_json_rows_carry_the_scales_files_bits(files, tmp_path):
     import json
-    import model
     m, _ = checkpoints.load_model(str(files / "tiny"))
     cfg = sasq.QuantConfig(abits=6)
     checkpoints.save_scales(tmp_path / "a6.safetensors", m, sasq.attach(m, cfg), cfg)

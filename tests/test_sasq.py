@@ -77,6 +77,7 @@ def test_training_changes_only_scales(tiny_model):
     init = {k: v.clone() for k, v in qs.state_dict().items()}
     loss0 = tiny_model(wins[:, :-1], wins[:, 1:])[1].item()
     losses = train.train_scales(tiny_model, qs, wins, steps=60, batch_size=8, lr=5e-2)
+    assert len(losses) == 60 and all(isinstance(v, float) for v in losses)
     loss1 = tiny_model(wins[:, :-1], wins[:, 1:])[1].item()
     assert loss1 < loss0 - 0.05, (loss0, loss1)
     assert any(not torch.equal(init[k], v) for k, v in qs.state_dict().items())

@@ -4,7 +4,7 @@
 # torchvision / torchaudio / torchcodec builds that fail to load there and break `from vllm import LLM`;
 # nothing we run needs them, so they are removed. Ends with .venv-vllm/READY (or FAILED): the test waits for it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 python3 -m venv .venv-vllm
 trap 'touch .venv-vllm/FAILED' ERR
 .venv-vllm/bin/pip install -q torch==2.13.0

@@ -1,6 +1,6 @@
 """Perplexity of exported folders through vLLM's CPU build, run in vLLM's own environment:
 
-    .venv-vllm/bin/python tests/vllm_reader.py WINDOWS.json FOLDER:PATH ... > results.json
+    .venv-vllm/bin/python tests/extras/vllm_reader.py WINDOWS.json FOLDER:PATH ... > results.json
 
 WINDOWS.json holds token windows (a list of lists). vLLM scores each as a prompt (prompt logprobs, one
 generated token) and we sum the logprob of every actual token after the first. For each job we also read,

@@ -1,7 +1,7 @@
 """vLLM's CPU build as a reader of what export.py writes (the real engine, in an environment of its own:
 `.venv-vllm`, which .ci/run makes; skipped where it is absent). The deployable and the rotated export of
 the real SmolLM2, with PTQ scales, scored by vLLM and by transformers + compressed-tensors on the same
-windows; which kernel and transforms vLLM chose is read from its own modules (tests/vllm_reader.py)."""
+windows; which kernel and transforms vLLM chose is read from its own modules (tests/extras/vllm_reader.py)."""
 import copy
 import json
 import os
@@ -23,7 +23,7 @@ from conftest import CALIB_SPEC, ROOT, TEST_SPEC
 VENV = ROOT / ".venv-vllm"
 VLLM_PYTHON = os.environ.get("SASQ_VLLM_PYTHON", str(VENV / "bin" / "python"))
 pytestmark = pytest.mark.skipif("SASQ_VLLM_PYTHON" not in os.environ and not VENV.exists(),
-                                reason="no vLLM environment: `bash tests/vllm-venv.sh` makes .venv-vllm")
+                                reason="no vLLM environment: `bash tests/extras/vllm-venv.sh` makes .venv-vllm")
 STATIC, DYNAMIC = "CompressedTensorsW8A8Int8:_apply_weights_onednn", "CompressedTensorsW8A8Int8:_apply_weights_sgl"
 
 
@@ -33,7 +33,7 @@ def hf_ppl(folder, wins):
 
 
 def wait_for_venv(limit=900):
-    """.ci/run builds .venv-vllm while the other tests run; wait until tests/vllm-venv.sh says how it went."""
+    """.ci/run builds .venv-vllm while the other tests run; wait until tests/extras/vllm-venv.sh says how it went."""
     t0 = time.time()
     while "SASQ_VLLM_PYTHON" not in os.environ and not (VENV / "READY").exists():
         if (VENV / "FAILED").exists() or time.time() - t0 > limit:
@@ -71,7 +71,7 @@ def test_vllm_reads_the_static_exports(smollm, tmp_path):
     (tmp_path / "wins.json").write_text(json.dumps(wins.tolist()))
     jobs = [f"{folders['dep']}:static", f"{folders['dep']}:default", f"{folders['rot']}:patched",
             f"{folders['rot']}:static", f"{folders['kv']}:static", f"{folders['kv-int']}:static"]
-    out = subprocess.run([VLLM_PYTHON, str(ROOT / "tests" / "vllm_reader.py"), str(tmp_path / "wins.json"), *jobs],
+    out = subprocess.run([VLLM_PYTHON, str(ROOT / "tests" / "extras" / "vllm_reader.py"), str(tmp_path / "wins.json"), *jobs],
                          capture_output=True, text=True, timeout=600)
     got = {k: v for line in out.stdout.splitlines() if line.startswith("RESULT ") for k, v in json.loads(line[7:]).items()}
     assert len(got) == len(jobs), out.stderr[-3000:]

@@ -10,7 +10,6 @@ import eval as evaluate
 from extras import export
 from extras import kvquant
 import checkpoints
-import model as llama
 import sasq
 import train
 from conftest import random_meta_state, write_meta
