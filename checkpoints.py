@@ -1,14 +1,14 @@
 """Every file the project reads or writes: checkpoints in, scales and training state in and out.
 
-    model, tok = checkpoints.load_model("llama-2-7b")       # Meta folder, HF folder, GGUF file or hub id
-    checkpoints.save_scales("scales.safetensors", model, quantizers, cfg)
+    model, tok = checkpoints.load_model("llama-2-7b")       # Meta folder, HF folder, GGUF file or
+    hub id checkpoints.save_scales("scales.safetensors", model, quantizers, cfg)
     quantizers, cfg = checkpoints.load_scales("scales.safetensors", model)
 
 Readers end the same way: the model is built on the meta device and the checkpoint's tensors are
-assigned into it (no second copy in memory). A scales file carries its QuantConfig and a fingerprint of
-the weights it was trained on, so it is never applied to another model. Every write goes to a fresh
-temporary name beside the target and is renamed into place: a failed write leaves no half file and
-never touches a file of the user's.
+assigned into it (no second copy in memory). A scales file carries its QuantConfig and a fingerprint
+of the weights it was trained on, so it is never applied to another model. Every write goes to a
+fresh temporary name beside the target and is renamed into place: a failed write leaves no half file
+and never touches a file of the user's.
 """
 import contextlib
 import glob
@@ -44,8 +44,10 @@ def current_umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path, force=True):
-    """Yield a fresh temporary name beside `path`; on success it becomes `path` (replacing it only with
-    `force`; without, a file that appeared meanwhile is kept and the new one stays at the temporary name).
+    """Yield a fresh temporary name beside `path`; on success it becomes `path` (replacing it only
+    with
+    `force`; without, a file that appeared meanwhile is kept and the new one stays at the temporary
+    name).
     On failure the temporary file is removed. The name is new, so no file of the user's is touched."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
@@ -53,7 +55,8 @@ def atomic_path(path, force=True):
     keep = False
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp and safetensors leave 0600: engines run as others
+        # mkstemp and safetensors leave 0600: engines run as others
+        os.chmod(tmp, 0o666 & ~current_umask())
         if force:
             os.replace(tmp, path)
             return
@@ -61,7 +64,8 @@ def atomic_path(path, force=True):
             os.link(tmp, path)                      # atomic, and fails if `path` exists
         except FileExistsError:
             keep = True
-            raise ScalesError(f"{path} appeared while this run was going; not replaced (the new file "
+            raise ScalesError(f"{path} appeared while this run was going; not replaced (the new "
+                              "file "
                               f"is {tmp})") from None
     finally:
         if not keep and os.path.exists(tmp):
@@ -77,6 +81,34 @@ def save_safetensors(tensors: dict, path, metadata=None):
 
 # --------------------------------------------------------------------------- model configs
 
+# the families whose checkpoints this model computes exactly; anything else is refused by name
+FAMILIES = ("llama", "mistral", "qwen2")
+ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings")}
+LATER_FIELDS = ("rope_scaling", "qkv_bias", "sliding_window")  # see fingerprint()
+
+
+def rope_settings(c: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from a config in either form: the hub's (top-level `rope_theta` and
+    `rope_scaling`) or transformers 5's (`rope_parameters: {rope_theta, rope_type, ...}`). A scaling
+    type this model does not compute is refused, never ignored."""
+    params = c.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError("rope_parameters per layer type are not supported")
+    scaling = params if params is not None else c.get("rope_scaling")
+    theta = (params or {}).get("rope_theta", c.get("rope_theta", 10000.0))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_KEYS:
+        raise ValueError(f"RoPE scaling type {kind!r} is not supported (supported: default, "
+                         f"{', '.join(ROPE_KEYS)})")
+    missing = [k for k in ROPE_KEYS[kind] if k not in scaling]
+    if missing or scaling.get("attention_factor") not in (None, 1, 1.0):
+        raise ValueError(f"RoPE scaling {kind!r} with fields {sorted(scaling)} is not supported")
+    return theta, {"type": kind, **{k: scaling[k] for k in ROPE_KEYS[kind]}}
+
+
 def args_from_params_json(p: dict, vocab_size: int) -> ModelArgs:
     # Meta's params.json gives the FFN width indirectly: 2/3 of 4*dim, times a multiplier,
     # rounded up to a multiple of `multiple_of` (4096 -> 11008 for 7B).
@@ -85,32 +117,71 @@ def args_from_params_json(p: dict, vocab_size: int) -> ModelArgs:
         hidden = int(p["ffn_dim_multiplier"] * hidden)
     m = p.get("multiple_of", 256)
     hidden = m * ((hidden + m - 1) // m)
+    scaling = None
+    if p.get("use_scaled_rope"):       # Llama 3.1+: Meta's code fixes these (3.2 1B/3B: factor 32)
+        scaling = {"type": "llama3", "factor": p.get("rope_scaling_factor") or 8.0,
+                   "low_freq_factor": 1.0, "high_freq_factor": p.get("high_freq_factor", 4.0),
+                   "original_max_position_embeddings": 8192}
     return ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
                      n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=vocab_size,
                      hidden_dim=hidden, norm_eps=p.get("norm_eps", 1e-5),
-                     rope_theta=p.get("rope_theta", 10000.0))
+                     rope_theta=p.get("rope_theta", 10000.0), rope_scaling=scaling,
+                     max_seq_len=p.get("max_seq_len", 4096 if scaling is None else 131072))
+
+
+def check_family(c: dict):
+    """Refuse, before any weight is read, a config this model would compute only approximately."""
+    family = c.get("model_type", "llama")
+    if family not in FAMILIES:
+        raise ValueError(f"model_type {family!r} is not supported (supported: "
+                         f"{', '.join(FAMILIES)})")
+    hd = c["hidden_size"] // c["num_attention_heads"]
+    unsupported = {"head_dim": c.get("head_dim") not in (None, hd),
+                   "hidden_act": c.get("hidden_act", "silu") != "silu",
+                   "attention_bias": bool(c.get("attention_bias")),
+                   "mlp_bias": bool(c.get("mlp_bias")),
+                   "partial_rotary_factor": c.get("partial_rotary_factor", 1.0) != 1.0}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{family} config with {', '.join(f'{k}={c.get(k)!r}' for k in bad)} "
+                         "is not supported")
 
 
 def args_from_hf_config(c: dict) -> ModelArgs:
+    check_family(c)
+    theta, scaling = rope_settings(c)
+    window = c.get("sliding_window")
+    if c.get("model_type") == "qwen2" and not c.get("use_sliding_window"):
+        window = None                  # Qwen2 writes a window it does not use
+    context = c.get("max_position_embeddings", 4096)
     return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
                      n_heads=c["num_attention_heads"],
                      n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
                      vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
-                     norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=c.get("rope_theta", 10000.0),
-                     max_seq_len=c.get("max_position_embeddings", 4096),
-                     tie_embeddings=c.get("tie_word_embeddings", False))
+                     norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=theta, rope_scaling=scaling,
+                     max_seq_len=min(context, window or context), sliding_window=window,
+                     tie_embeddings=c.get("tie_word_embeddings", False),
+                     qkv_bias=c.get("model_type") == "qwen2")
 
 
 def args_from_gguf(reader, has_output: bool) -> ModelArgs:
     fields = reader.fields
-    f = lambda k, d=None: fields[f"llama.{k}"].contents() if f"llama.{k}" in fields else d  # noqa: E731
+
+    def f(key, default=None):
+        return fields[f"llama.{key}"].contents() if f"llama.{key}" in fields else default
+    scaling, kind = None, f("rope.scaling.type", "none")
+    if kind == "linear":
+        scaling = {"type": "linear", "factor": f("rope.scaling.factor")}
+    elif kind != "none":
+        raise ValueError(f"GGUF RoPE scaling type {kind!r} is not supported")
     n_heads = f("attention.head_count")
     return ModelArgs(dim=f("embedding_length"), n_layers=f("block_count"), n_heads=n_heads,
                      n_kv_heads=f("attention.head_count_kv", n_heads),
                      vocab_size=len(fields["tokenizer.ggml.tokens"].data),
-                     hidden_dim=f("feed_forward_length"), norm_eps=f("attention.layer_norm_rms_epsilon"),
-                     rope_theta=f("rope.freq_base", 10000.0), max_seq_len=f("context_length"),
-                     tie_embeddings=not has_output)
+                     hidden_dim=f("feed_forward_length"),
+                     norm_eps=f("attention.layer_norm_rms_epsilon"),
+                     rope_theta=f("rope.freq_base", 10000.0), rope_scaling=scaling,
+                     max_seq_len=f("context_length"), tie_embeddings=not has_output)
 
 
 # --------------------------------------------------------------------------- checkpoint readers
@@ -136,7 +207,8 @@ GGUF_LEAF = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "atte
 
 
 def _rename(name, top, prefix, leaf):
-    """Map a foreign tensor name to ours; unknown names pass through so the strict load reports them."""
+    """Map a foreign tensor name to ours; unknown names pass through so the strict load reports
+    them."""
     if name in top:
         return top[name]
     parts = name.split(".")
@@ -166,7 +238,8 @@ def _read_json(path):
 
 
 def _config(make, path, *args, **kwargs):
-    """Build ModelArgs from a config; a missing or mistyped field names the file (a GPT-2 config)."""
+    """Build ModelArgs from a config; a missing or mistyped field names the file (a GPT-2
+    config)."""
     try:
         return make(*args, **kwargs)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -194,9 +267,11 @@ def read_meta(folder):
     shards = [_read(_load_pth, p) for p in paths]
     for p, shard in zip(paths, shards):
         if not isinstance(shard, dict) or "tok_embeddings.weight" not in shard:
-            raise CheckpointError(f"{p}: not a Meta LLaMA checkpoint (expected a dict of tensors with "
+            raise CheckpointError(f"{p}: not a Meta LLaMA checkpoint (expected a dict of tensors "
+                                  "with "
                                   "tok_embeddings.weight)")
-    # model-parallel shards: rows were split for column-parallel layers, columns for row-parallel ones
+    # model-parallel shards: rows were split for column-parallel layers, columns for row-parallel
+    # ones
     cat_dim1 = ("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")
     sd = shards[0] if len(shards) == 1 else {k: v if v.ndim == 1 else torch.cat(
         [s[k] for s in shards], dim=1 if k.endswith(cat_dim1) else 0) for k, v in shards[0].items()}
@@ -214,14 +289,16 @@ def read_meta(folder):
 
 
 def read_hf(folder):
-    """Hugging Face folder: config.json + *.safetensors (or pytorch_model*.bin), possibly sharded."""
+    """Hugging Face folder: config.json + *.safetensors (or pytorch_model*.bin), possibly
+    sharded."""
     cfg = _read_json(os.path.join(folder, "config.json"))
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     reader = _load_safetensors
     if not files:
         files, reader = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin"))), _load_pth
     if not files:
-        raise CheckpointError(f"{folder}: config.json but no *.safetensors or pytorch_model*.bin weights")
+        raise CheckpointError(f"{folder}: config.json but no *.safetensors or pytorch_model*.bin "
+                              "weights")
     args = _config(args_from_hf_config, os.path.join(folder, "config.json"), cfg)
     sd = {}
     for path in files:
@@ -242,12 +319,18 @@ def read_hf(folder):
 
 
 def read_gguf(path):
-    """GGUF file (llama.cpp): dequantize every tensor to float; the tokenizer comes from its metadata."""
+    """GGUF file (llama.cpp): dequantize every tensor to float; the tokenizer comes from its
+    metadata."""
     import gguf
     reader = _read(gguf.GGUFReader, path)
     arch = reader.fields["general.architecture"].contents()
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise CheckpointError(f"{path}: GGUF with rope_freqs (Llama 3.1 RoPE scaling) is not "
+                              "supported; use the model's Hugging Face folder")
+    args = _config(args_from_gguf, path, reader,
+                   has_output=any(t.name == "output.weight" for t in reader.tensors))
 
     def tensors(_):
         # dequantize returns the PyTorch (out, in) layout although t.shape reads (in, out)
@@ -255,7 +338,6 @@ def read_gguf(path):
             gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
             .astype("float32")) for t in reader.tensors}
     sd = _read(tensors, path)
-    args = _config(args_from_gguf, path, reader, has_output="output.weight" in sd)
     sp = os.path.join(os.path.dirname(path), "tokenizer.model")
     if os.path.exists(sp):
         return args, sd, tokenizer.Tokenizer.from_sentencepiece(sp)
@@ -270,7 +352,8 @@ def read_gguf(path):
         raise CheckpointError(f"{path}: {e}") from None
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as e:   # the tokenizers library panics (a BaseException) on a bad vocabulary
+    # the tokenizers library panics (a BaseException) on a bad vocabulary
+    except BaseException as e:
         raise CheckpointError(f"{path}: cannot build its tokenizer ({type(e).__name__}: "
                               f"{str(e)[:120]})") from None
 
@@ -292,7 +375,8 @@ def embedded_default_path():
 
 
 def resolve(ckpt):
-    """Turn --ckpt into (reader, path), deciding by what is on disk, never by the spelling of the path."""
+    """Turn --ckpt into (reader, path), deciding by what is on disk, never by the spelling of the
+    path."""
     ckpt = ckpt or DEFAULT_CKPT
     if ckpt == DEFAULT_CKPT and not os.path.exists(ckpt):
         return read_gguf, embedded_default_path()
@@ -300,7 +384,8 @@ def resolve(ckpt):
         with open(ckpt, "rb") as f:
             if f.read(4) == b"GGUF":
                 return read_gguf, ckpt
-        raise CheckpointError(f"{ckpt}: not a GGUF file; pass a GGUF file or a Meta/HF checkpoint folder")
+        raise CheckpointError(f"{ckpt}: not a GGUF file; pass a GGUF file or a Meta/HF checkpoint "
+                              "folder")
     if os.path.isdir(ckpt):
         if (glob.glob(os.path.join(ckpt, "consolidated.*.pth"))
                 and os.path.exists(os.path.join(ckpt, "params.json"))):
@@ -310,7 +395,8 @@ def resolve(ckpt):
         ggufs = glob.glob(os.path.join(ckpt, "*.gguf"))
         if len(ggufs) == 1:
             return read_gguf, ggufs[0]
-        raise CheckpointError(f"{ckpt}: no checkpoint found (expected params.json + consolidated.*.pth, "
+        raise CheckpointError(f"{ckpt}: no checkpoint found (expected params.json + "
+                              "consolidated.*.pth, "
                               "config.json + *.safetensors, or one *.gguf)")
     if ckpt in HUB_IDS or (ckpt.count("/") == 1 and not ckpt.startswith((".", "/"))):
         return read_hf, _download(ckpt)
@@ -325,7 +411,8 @@ def _download(name):
         return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
     except Exception as e:   # offline, gated repo, missing token...: all end in the same advice
         raise CheckpointError(
-            f"{name}: not a local folder, and fetching {repo} from the hub failed ({type(e).__name__}). "
+            f"{name}: not a local folder, and fetching {repo} from the hub failed "
+            f"({type(e).__name__}). "
             f"Download it first (hf download {repo} --local-dir {name.split('/')[-1]}), "
             "or point --ckpt at Meta's llama-2-7b folder") from None
 
@@ -348,19 +435,18 @@ def load_model(ckpt=None, device="cpu", dtype=torch.float32):
 
 # --------------------------------------------------------------------------- scales files
 
-# ModelArgs fields added after scales files were first written: left out of the id while unset, so
-# those files still match their models
-LATER_FIELDS = ("rope_scaling", "qkv_bias")
-
-
 def fingerprint(model, raw=False) -> str:
-    """A short id of the weights: the config and a strided sample (~4k values) of every float weight,
+    """A short id of the weights: the config and a strided sample (~4k values) of every float
+    weight,
     rounded to bf16, so the id is the same for fp32 and bf16 loads but changes for a fine-tune or a
-    merged LoRA. A rotated model's id is that of the weights it was rotated from and the seed (`raw`:
+    merged LoRA. A rotated model's id is that of the weights it was rotated from and the seed
+    (`raw`:
     of its own weights, as files written before this rule recorded)."""
     if getattr(model, "rotated_from", None) and not raw:
         base, seed = model.rotated_from
         return hashlib.sha256(f"{base} rotated with seed {seed}".encode()).hexdigest()[:16]
+    # fields added to ModelArgs after scales files were first written are left out while unset, so
+    # those files still match their models
     args = {k: v for k, v in asdict(model.args).items() if not (k in LATER_FIELDS and not v)}
     h = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
     skip = {id(p) for m in model.modules() if getattr(m, "is_quantizer", False) for p in m.parameters()}
@@ -383,7 +469,8 @@ def check_scales(tensors: dict, path=""):
 
 def save_scales(path, model, quantizers, cfg: sasq.QuantConfig, extra: dict | None = None, force=True,
                 fingerprint_=None, more=None):
-    """Write scales and thresholds (safetensors) with the config and the model's fingerprint, atomically.
+    """Write scales and thresholds (safetensors) with the config and the model's fingerprint,
+    atomically.
     With force=False an existing file, even one created while this run went on, is never replaced.
     `fingerprint_`: the id of the unsharded model, when `model` is sharded (extras/fsdp.py). `more`:
     (tensors, metadata) of other quantizers stored beside these (extras/kvquant.py's, under "kv.")."""
@@ -422,7 +509,8 @@ def read_scales_config(path) -> sasq.QuantConfig:
 
 
 def load_scales(path, model):
-    """Attach quantizers to `model` with the scales stored in `path`; refuses a file for another model."""
+    """Attach quantizers to `model` with the scales stored in `path`; refuses a file for another
+    model."""
     meta, tensors, cfg = read_scales(path)
     if meta.get("fingerprint") not in (fingerprint(model), fingerprint(model, raw=True)):
         raise ScalesError(f"{path}: these scales belong to another model (fingerprint "
@@ -451,7 +539,8 @@ def save_state(path, state: dict):
 
 
 def load_state(path, run: dict):
-    """The saved state of an interrupted run; refuses a file whose record differs from `run` in any key
+    """The saved state of an interrupted run; refuses a file whose record differs from `run` in any
+    key
     either of them has."""
     try:
         st = torch.load(path, weights_only=True)
@@ -463,6 +552,7 @@ def load_state(path, run: dict):
         diff = [f"{k} {saved.get(k)!r} -> {run.get(k)!r}" for k in sorted({*saved, *run})
                 if saved.get(k) != run.get(k)]
         if diff:
-            raise ScalesError(f"{path} belongs to another run ({'; '.join(diff)}); resume with the same "
+            raise ScalesError(f"{path} belongs to another run ({'; '.join(diff)}); resume with the "
+                              "same "
                               "settings, or delete it to start afresh")
     return st

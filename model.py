@@ -28,6 +28,7 @@ class ModelArgs:
     tie_embeddings: bool = False     # output head shares tok_embeddings.weight
     rope_scaling: dict | None = None  # {"type": "linear" | "llama3", "factor": ..., ...}
     qkv_bias: bool = False           # Qwen2: wq, wk, wv carry biases
+    sliding_window: int | None = None  # Mistral v0.1: max_seq_len is capped to it (exact, no mask)
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:

@@ -1,12 +1,15 @@
-"""See the outliers that make static quantization hard, and what SASQ's truncation and clipping do to them.
+"""See the outliers that make static quantization hard, and what SASQ's truncation and clipping do
+to them.
 
-    python plot_activations.py                                      # PTQ-initialised thresholds, CPU, ~1 min
-    python plot_activations.py --ckpt llama-2-7b --scales scales.safetensors --device cuda
+    python plot_activations.py                                      # PTQ-initialised thresholds,
+    CPU, ~1 min python plot_activations.py --ckpt llama-2-7b --scales scales.safetensors --device
+    cuda
 
-For each chosen layer and quantization point: a histogram of activation values (log counts) before and
-after truncation + clipping, with the clip thresholds drawn, and the per-channel absmax (channels on x).
-One summary across depth: max |x| and the 99.9th percentile per layer, before and after.
-"Before" is the quantizer's input x; "after" is what the integer GEMM sees, s * round(trunc(x) / s).
+For each chosen layer and quantization point: a histogram of activation values (log counts) before
+and after truncation + clipping, with the clip thresholds drawn, and the per-channel absmax
+(channels on x). One summary across depth: max |x| and the 99.9th percentile per layer, before and
+after. "Before" is the quantizer's input x; "after" is what the integer GEMM sees, s *
+round(trunc(x) / s).
 """
 import argparse
 import os
@@ -25,12 +28,17 @@ import sasq  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {checkpoints.DEFAULT_CKPT})")
-    p.add_argument("--scales", default=None, help="trained scales from train.py (default: PTQ init only)")
-    p.add_argument("--text", default=data.TEST, help="text whose activations are shown (default %(default)s)")
-    p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text when --scales is not given")
-    p.add_argument("--windows", type=int, default=2, help="windows of --text whose activations are shown (default 2)")
+    p.add_argument("--scales", default=None, help="trained scales from train.py (default: PTQ init "
+                                                  "only)")
+    p.add_argument("--text", default=data.TEST, help="text whose activations are shown (default "
+                                                     "%(default)s)")
+    p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text when --scales is not "
+                                                       "given")
+    p.add_argument("--windows", type=int, default=2, help="windows of --text whose activations are "
+                                                          "shown (default 2)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: four across depth)")
+    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: four "
+                                                  "across depth)")
     p.add_argument("--points", default=",".join(sasq.POINTS), help="subset of %(default)s")
     p.add_argument("--out", default="plots", help="folder for the PNGs")
     p.add_argument("--force", action="store_true", help="replace plots that exist in --out")
@@ -49,7 +57,8 @@ def parse_args(argv=None):
     if any(pt not in sasq.POINTS for pt in a.points.split(",") if pt) or not a.points.strip(","):
         error(f"--points must be a subset of {','.join(sasq.POINTS)}")
     if a.scales and checkpoints.read_scales_config(a.scales).rotate is not None:
-        error(f"--scales {a.scales}: scales of a rotated model (train.py --rotate) are not supported here")
+        error(f"--scales {a.scales}: scales of a rotated model (train.py --rotate) are not "
+              "supported here")
     if os.path.isfile(a.out):
         error(f"--out {a.out} is a file; give a folder")
     old = [n for n in (os.listdir(a.out) if os.path.isdir(a.out) else []) if n.endswith(".png")]
@@ -64,13 +73,15 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- capture and statistics
 
 def capture(model, quantizers, wins, keep, device="cpu"):
-    """Run the quantized model over `wins`. Returns ({(layer, point): x (tokens, channels)} for layers in
+    """Run the quantized model over `wins`. Returns ({(layer, point): x (tokens, channels)} for
+    layers in
     `keep`, and per-window depth statistics {(layer, point): [(max|x|, p99.9|x|, max|x^|, p99.9|x^|)]})."""
     acts, depth, seen, hooks = {}, {}, set(), []
     for i, qs in enumerate(quantizers):
         for point, q in qs.items():
             def hook(mod, args, key=(i, point)):
-                if key in seen:          # a shared point fires once per reading linear: keep one copy
+                # a shared point fires once per reading linear: keep one copy
+                if key in seen:
                     return
                 seen.add(key)
                 x = args[0].detach().flatten(0, -2).float()
@@ -99,7 +110,8 @@ def p999(x):
 def after(q, x):
     """What the integer GEMM sees, in float: s * codes, codes = clamp(round(trunc(x) / s))."""
     with torch.no_grad():
-        codes, s = q.forward(x.to(q.log_scale.device))    # .forward: do not re-enter the capture hook
+        # .forward: do not re-enter the capture hook
+        codes, s = q.forward(x.to(q.log_scale.device))
         return codes * s
 
 
@@ -151,7 +163,8 @@ def plot_point(path, title, q, x):
 
 
 def depth_stats(depth, point):
-    """Per layer: max |x| (max over windows), p99.9 (mean over windows), the same after; (layers, (n, 4))."""
+    """Per layer: max |x| (max over windows), p99.9 (mean over windows), the same after; (layers,
+    (n, 4))."""
     layers = sorted(i for i, p in depth if p == point)
     return layers, torch.tensor([[max(r[0] for r in depth[i, point]), sum(r[1] for r in depth[i, point]) / len(depth[i, point]),
                                   max(r[2] for r in depth[i, point]), sum(r[3] for r in depth[i, point]) / len(depth[i, point])]
@@ -159,12 +172,15 @@ def depth_stats(depth, point):
 
 
 def print_spikes(depth, points, top=2):
-    """The layers where max |x| is largest, against the bulk (p99.9): what the depth figure shows, in numbers."""
-    print(f"\n{'point':>5} {'layer':>5} {'max|x|':>9} {'p99.9':>9} {'ratio':>8}   (the {top} largest max |x| across depth)")
+    """The layers where max |x| is largest, against the bulk (p99.9): what the depth figure shows,
+    in numbers."""
+    print(f"\n{'point':>5} {'layer':>5} {'max|x|':>9} {'p99.9':>9} {'ratio':>8}   (the {top} "
+          "largest max |x| across depth)")
     for point in points:
         layers, st = depth_stats(depth, point)
         for j in st[:, 0].argsort(descending=True)[:top].tolist():
-            print(f"{point:>5} {layers[j]:>5} {st[j, 0]:>9.1f} {st[j, 1]:>9.2f} {st[j, 0] / st[j, 1]:>7.0f}x")
+            print(f"{point:>5} {layers[j]:>5} {st[j, 0]:>9.1f} {st[j, 1]:>9.2f} "
+                  f"{st[j, 0] / st[j, 1]:>7.0f}x")
 
 
 def plot_depth(path, depth, points, label):
@@ -208,7 +224,8 @@ def main(argv=None):
         for point in points:
             q, x = quantizers[i][point], acts[i, point]
             st = stats[i, point] = point_stats(q, x)
-            print(f"{i:>5} {point:>5} {st['clipped']:>9.3%} {st['max_before']:>9.2f} {st['max_after']:>9.2f} "
+            print(f"{i:>5} {point:>5} {st['clipped']:>9.3%} {st['max_before']:>9.2f} "
+                  f"{st['max_after']:>9.2f} "
                   f"{st['max_reduction']:>9.1%}")
             paths.append(os.path.join(a.out, f"layer{i:02d}_{point}.png"))
             plot_point(paths[-1], f"layer {i} {point} ({label})", q, x)

@@ -11,7 +11,6 @@ import dataclasses
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F

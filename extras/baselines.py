@@ -169,6 +169,8 @@ def rotate(model, seed=0):
         for w in (at.wq, at.wk):
             update(w.weight, gain(layer.attention_norm), q_in)
         update(at.wv.weight, gain(layer.attention_norm), q_in, per_head_rows)
+        if at.wv.bias is not None:     # Qwen2: v's bias takes v's per-head rotation (q/k's: nothing)
+            update(at.wv.bias, lambda b: hadamard(b.view(a.n_kv_heads, hd)).flatten())
         update(at.wo.weight, per_head_cols, q_out)
         for w in (ff.w1, ff.w3):
             update(w.weight, gain(layer.ffn_norm), q_in)

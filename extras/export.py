@@ -62,11 +62,30 @@ def to_hf(sd: dict, a: llama.ModelArgs) -> dict:
         n = a.n_heads if ".attention.wq." in k else a.n_kv_heads if ".attention.wk." in k else None
         if n is not None and v.dim() == 2:
             v = permute_meta_to_hf(v, n)
+        elif n is not None and k.endswith(".bias"):          # Qwen2's q/k biases follow their rows
+            v = permute_meta_to_hf(v[:, None], n)[:, 0]
         out[hf_name(k)] = v.contiguous()
     return out
 
 
+def hf_family(a: llama.ModelArgs) -> str:
+    """The transformers family that computes this model: Qwen2 for q/k/v biases, Mistral for a
+    sliding window, LLaMA otherwise (Mistral without a window is a LLaMA)."""
+    return "qwen2" if a.qkv_bias else "mistral" if a.sliding_window else "llama"
+
+
 def hf_config(a: llama.ModelArgs, tok, dtype) -> dict:
+    family = hf_family(a)
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+    extra = {"rope_scaling": {"rope_type": a.rope_scaling["type"], **{
+        k: v for k, v in a.rope_scaling.items() if k != "type"}}} if a.rope_scaling else {}
+    if family == "mistral":
+        extra["sliding_window"] = a.sliding_window
+    return {**hf_config_llama(a, tok, dtype), "architectures": [arch[family]], "model_type": family,
+            **extra}
+
+
+def hf_config_llama(a: llama.ModelArgs, tok, dtype) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
             "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
             "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": a.dim // a.n_heads,
@@ -123,8 +142,11 @@ def folded_state(model, quantizers) -> dict:
             in_scale["w2"] = row_div.pop("w3")
         for sub, names, _ in sasq.POINTS.values():
             for n in names:
-                codes, sw = getattr(getattr(layer, sub), n).folded_weight()     # exactly SASQ's codes of W * s
+                linear = getattr(getattr(layer, sub), n)
+                codes, sw = linear.folded_weight()     # exactly SASQ's codes of W * s
                 name = f"{p}{sub}.{n}."
+                if linear.linear.bias is not None:     # a bias follows its rows' divisor (wv: s_wo)
+                    sd[name + "bias"] = linear.linear.bias.float() / torch.as_tensor(row_div.get(n, 1.0))
                 if sw is None:      # float weights (wbits=None): the fold alone, W * s with rows / divisor
                     sd[name + "weight"] = codes / torch.as_tensor(row_div.get(n, 1.0))[..., None]
                     continue

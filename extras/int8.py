@@ -346,6 +346,8 @@ class Int8Linear(nn.Module):
                                act.log_c.exp().float() if act.log_c is not None else None)
             self.register_buffer("a_scale", shared[act][0])
             self.register_buffer("c", shared[act][1])
+        bias = ql.linear.bias        # Qwen2's q/k/v: added after the GEMM, in float, as fake-quant does
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
         # the fake-quant layer, for revert(); a tuple keeps it out of .modules(). Without it the
         # float weight can be freed: the converted model then holds int8 weights only.
         self.source = (ql,) if keep_float else None
@@ -355,7 +357,8 @@ class Int8Linear(nn.Module):
         if self.c is not None:
             xf = sasq.soft_clip(xf, self.c)                                     # the learned truncation
         q = sasq.quantize(xf, self.a_scale, 8).to(torch.int8)                   # elementwise: no reduction
-        return mm(q.reshape(-1, q.shape[-1]), self.weight, self.w_scale, None, x.dtype).unflatten(0, x.shape[:-1])
+        y = mm(q.reshape(-1, q.shape[-1]), self.weight, self.w_scale, None, x.dtype).unflatten(0, x.shape[:-1])
+        return y if self.bias is None else y + self.bias
 
 
 class DynamicInt8Linear(nn.Module):

@@ -9,7 +9,7 @@ import checkpoints
 import sasq
 from conftest import SP_MODEL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def static_quant_linear(seed=0, truncate=True):
