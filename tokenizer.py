@@ -1,6 +1,7 @@
 """The tokenizers a LLaMA checkpoint comes with, behind one interface: SentencePiece (Meta's
-tokenizer.model),
-Hugging Face `tokenizers` (tokenizer.json), and the byte-level BPE a GGUF file stores in its metadata."""
+tokenizer.model), Hugging Face `tokenizers` (tokenizer.json, Meta's Llama 3 tiktoken file), and the
+byte-level BPE a GGUF file stores in its metadata."""
+
 import json
 import os
 
@@ -36,7 +37,14 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader):
         """Rebuild a GPT-2-style byte-level BPE from the vocabulary and merges stored in a GGUF."""
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        from tokenizers import (
+            AddedToken,
+            Tokenizer as HFTokenizer,
+            decoders,
+            models,
+            pre_tokenizers,
+        )
+
         fields = reader.fields
         kind, pre = fields["tokenizer.ggml.model"].contents(), fields.get("tokenizer.ggml.pre")
         pre = pre.contents() if pre is not None else "gpt2"
@@ -49,10 +57,16 @@ class Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Sequence(GGUF_PRETOKENIZERS[pre]())
         tok.decoder = decoders.ByteLevel()
         types = fields["tokenizer.ggml.token_type"].contents()
-        tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3])
+        tok.add_special_tokens(
+            [AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3]
+        )
         get = lambda k, d: fields[k].contents() if k in fields else d  # noqa: E731
-        return cls(tok, get("tokenizer.ggml.bos_token_id", None), get("tokenizer.ggml.eos_token_id", None),
-                   add_bos=bool(get("tokenizer.ggml.add_bos_token", True)))
+        return cls(
+            tok,
+            get("tokenizer.ggml.bos_token_id", None),
+            get("tokenizer.ggml.eos_token_id", None),
+            add_bos=bool(get("tokenizer.ggml.add_bos_token", True)),
+        )
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         bos = self.add_bos if bos is None else bos
