@@ -286,11 +286,22 @@ def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch
     return torch.cat(out)
 
 
+def sampler_batch(model, seq_len, free=None, most=128) -> int:
+    """How many sequences to sample side by side: up to `most` on a GPU (a decode step costs about the
+    same for 1 or 128 of them), 16 on a CPU, and never more than half the free GPU memory holds of
+    KV cache and logits (a 7B model's cache is 1 GiB per 2,048-token sequence). `free`: bytes."""
+    p = next(model.parameters())
+    if not p.is_cuda and free is None:
+        return 16
+    free = torch.cuda.mem_get_info(p.device)[0] if free is None else free
+    a = model.args
+    cache = 2 * a.n_layers * a.n_kv_heads * (a.dim // a.n_heads) * seq_len * p.element_size()
+    return max(1, min(most, int(free // 2 // (cache + 8 * a.vocab_size))))
+
+
 def self_windows(model, tok, spec: str, seq_len: int, seed=0, limit=None, progress=True):
-    """The windows of a `self:N` source (at most `limit`), in the form token_windows gives.
-    Sequences are sampled side by side, 128 at a time on a GPU (a decode step costs about the same
-    for 1 or 128 of them), 16 on a CPU."""
+    """The windows of a `self:N` source (at most `limit`), in the form token_windows gives. The text
+    depends on the seed and on how many sequences are sampled together (sampler_batch)."""
     n = parse_self(spec) if limit is None else min(parse_self(spec), limit)
-    batch = 128 if next(model.parameters()).is_cuda else 16
-    return sample(model, n, seq_len, seed, batch=batch, bos_id=tok.bos_id if tok.add_bos else None,
-                  progress=progress)
+    return sample(model, n, seq_len, seed, batch=sampler_batch(model, seq_len),
+                  bos_id=tok.bos_id if tok.add_bos else None, progress=progress)

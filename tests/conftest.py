@@ -104,3 +104,8 @@ def tiny_model():
     m = model.Transformer(model.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
                                           hidden_dim=64, max_seq_len=64))
     return m.eval().requires_grad_(False)
+
+
+def pytest_collection_modifyitems(items):
+    """vLLM's test last: .ci/run builds its environment while the others run, and it waits for it."""
+    items.sort(key=lambda item: "test_vllm" in item.nodeid)

@@ -66,3 +66,15 @@ def test_unreachable_hub_fails_at_once_naming_the_fix(monkeypatch):
     with pytest.raises(data.DataError, match="hub is not reachable.*FOLDER:CONFIG:SPLIT"):
         data.load_text("no-such-org/no-such-dataset:x:train")
     assert datasets.config.HF_HUB_OFFLINE == before
+
+
+def test_sampler_batch_fits_the_free_memory():
+    """The self-written text's KV cache is sized from the free memory: a LLaMA-2-7B model (1 GiB of
+    bf16 cache per 2,048-token sequence) samples 32 at a time with 65 GiB free, not 128 (128 GiB)."""
+    import model
+    with torch.device("meta"):
+        m = model.Transformer(model.ModelArgs()).to(torch.bfloat16)
+    assert data.sampler_batch(m, 2048, free=65 * 2**30) == 32
+    assert data.sampler_batch(m, 2048, free=10 * 2**30) == 4      # 5 GiB for 1 GiB + logits each
+    assert data.sampler_batch(m, 2048, free=2**30) == 1
+    assert data.sampler_batch(m, 256, free=10**15) == 128

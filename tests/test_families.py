@@ -33,7 +33,7 @@ def save_hf(folder, cls, hub_form=False, **options):
     """A random model of this family saved by transformers; hub_form rewrites its config.json the
     way the hub's published configs read (top-level rope_theta and rope_scaling)."""
     import transformers
-    cfg = getattr(transformers, cls)(**COMMON, **options)
+    cfg = getattr(transformers, cls)(**{**COMMON, **options})
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():             # transformers starts biases at 0 and weights tiny

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from extras import baselines
+import checkpoints
 import data
 from extras import export
 from extras import kvquant
@@ -112,3 +113,27 @@ def test_vllm_reads_the_static_exports(smollm, tmp_path):
         assert kvr["ppl"] == pytest.approx(ref["kv"], rel=0.05)
     # an int8 cache is refused by vLLM 0.32 (kv_cache_scheme must be type float): export.py writes fp8 for vLLM
     assert "type=float" in got[jobs[5]].get("error", ""), got[jobs[5]]
+
+
+def test_vllm_reads_a_qwen2_export(tmp_path):
+    """A family other than LLaMA-2 through vLLM: a tiny Qwen2 (q/k/v biases, the wv bias divided by
+    the folded wo scale), exported static W8A8, scored by vLLM's static path as transformers scores it."""
+    from test_families import save_hf
+    wait_for_venv()
+    save_hf(tmp_path / "m", "Qwen2Config", rope_theta=1e6, hidden_size=128, num_attention_heads=2,
+            num_key_value_heads=1)      # head_dim 64: vLLM's CPU attention refuses 16
+    m, tok = checkpoints.load_model(str(tmp_path / "m"))
+    g = torch.Generator().manual_seed(0)
+    qs = sasq.attach(m, sasq.RECIPES["deployable"])
+    sasq.calibrate(m, qs, torch.randint(0, 32000, (4, 64), generator=g), progress=False)
+    export.export(m, tok, str(tmp_path / "q"), qs, dtype=torch.float32)
+    wins = torch.randint(0, 32000, (2, 64), generator=g)
+    (tmp_path / "wins.json").write_text(json.dumps(wins.tolist()))
+    job = f"{tmp_path / 'q'}:static"
+    out = subprocess.run([VLLM_PYTHON, str(ROOT / "tests" / "extras" / "vllm_reader.py"),
+                          str(tmp_path / "wins.json"), job], capture_output=True, text=True, timeout=600)
+    got = {k: v for line in out.stdout.splitlines() if line.startswith("RESULT ")
+           for k, v in json.loads(line[7:]).items()}
+    assert job in got and "ppl" in got[job], out.stderr[-3000:]
+    assert got[job]["kernels"] == {STATIC: 4 * m.args.n_layers}
+    assert got[job]["ppl"] == pytest.approx(hf_ppl(str(tmp_path / "q"), wins), rel=5e-3)

@@ -1,7 +1,7 @@
 """Scratch sweep for kvcache.py's tensor-core decode attention (one layer, LLaMA-2-7B shape, 16k cached x batch 8):
 correctness against the reference on the GPU, then every tile against the previous lane kernel and SDPA.
-    git show f88efe4:kvcache.py > results/bench/kvattn/kvcache_lanes.py   # the previous (lane) kernel, to compare
-    python results/bench/kvattn/sweep.py     # from the project root, on the GPU
+    git show f88efe4:kvcache.py > runs/kvcache_lanes.py   # the previous (lane) kernel, to compare
+    python runs/kvattn_sweep.py     # from the project root, on the GPU; writes results/bench/kvattn/
 *-before-asm: the same sweep with int8 converted per element (60 % of HBM at best, against 72 % after)."""
 import itertools
 import json
@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_kernels as kern  # noqa: E402
-import kvcache  # noqa: E402
+from extras import bench_kernels as kern  # noqa: E402
+from extras import kvcache  # noqa: E402
 try:
     import kvcache_lanes
 except ImportError:

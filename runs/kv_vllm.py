@@ -1,7 +1,7 @@
 """The FP8-KV export of the H200-trained scales (results/kv/fp8-fixed/kv8-fp8.safetensors) read by vLLM's CPU
 build and by transformers + compressed-tensors, beside our fake-quant, on the same windows of the WikiText-2 test.
 
-    python results/kv/vllm/run.py [WINDOWS]     # from the project root; needs .venv-vllm (bash tests/vllm-venv.sh)
+    python runs/kv_vllm.py [WINDOWS]     # from the project root; needs .venv-vllm (bash tests/extras/vllm-venv.sh)
 
 Writes results/kv/vllm/result.json. vLLM: its static oneDNN path (float32), float cache and fp8 cache.
 """
@@ -15,16 +15,16 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 import data  # noqa: E402
-import export  # noqa: E402
-import kvquant  # noqa: E402
-import model as llama  # noqa: E402
+from extras import export  # noqa: E402
+from extras import kvquant  # noqa: E402
+import checkpoints  # noqa: E402
 import sasq  # noqa: E402
 
 SCALES, TEST = "results/kv/fp8-fixed/kv8-fp8.safetensors", "../shared/data/wikitext:wikitext-2-raw-v1:test"
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 8
-m, tok = llama.load()
+m, tok = checkpoints.load_model()
 wins = data.token_windows(tok, TEST, 512, n)
-qs, _ = sasq.load(SCALES, m)
+qs, _ = checkpoints.load_scales(SCALES, m)
 kv, _ = kvquant.load(SCALES, m, qs)
 sasq.freeze(m)
 ppl = lambda f: data.perplexity(f, wins, progress=False)      # noqa: E731
@@ -37,7 +37,7 @@ with tempfile.TemporaryDirectory() as tmp:
     hf = export.load_hf(folder)
     rows["transformers + compressed-tensors, FP8 scheme"] = ppl(lambda x: (hf(x).logits,))
     json.dump(wins.tolist(), open(os.path.join(tmp, "wins.json"), "w"))
-    out = subprocess.run([".venv-vllm/bin/python", "tests/vllm_reader.py", os.path.join(tmp, "wins.json"),
+    out = subprocess.run([".venv-vllm/bin/python", "tests/extras/vllm_reader.py", os.path.join(tmp, "wins.json"),
                           f"{folder}:static", f"{folder}:fp8kv"], capture_output=True, text=True, timeout=3000)
     got = {k: v for line in out.stdout.splitlines() if line.startswith("RESULT ") for k, v in json.loads(line[7:]).items()}
     for job, r in got.items():
