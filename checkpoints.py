@@ -574,9 +574,9 @@ def save_state(path, state: dict):
         raise OSError(f"cannot write {path} ({' '.join(str(e).split())[:120]})") from None
 
 
-def load_state(path, run: dict):
+def load_state(path, run: dict, unknown=()):
     """The saved state of an interrupted run; refuses a file whose record differs from `run` in any
-    key either of them has."""
+    key either of them has, but those in `unknown` (not known yet before the model loads)."""
     try:
         st = torch.load(path, weights_only=True)
         saved = st["run"]
@@ -584,10 +584,9 @@ def load_state(path, run: dict):
         raise ScalesError(f"{path}: not a readable training state ({type(e).__name__}); "
                           "delete it to start afresh") from None
     if run:
-        diff = [f"{k} {saved.get(k)!r} -> {run.get(k)!r}" for k in sorted({*saved, *run})
-                if saved.get(k) != run.get(k)]
+        keys = sorted({*saved, *run} - set(unknown))
+        diff = [f"{k} {saved.get(k)!r} -> {run.get(k)!r}" for k in keys if saved.get(k) != run.get(k)]
         if diff:
             raise ScalesError(f"{path} belongs to another run ({'; '.join(diff)}); resume with the "
-                              "same "
-                              "settings, or delete it to start afresh")
+                              "same settings, or delete it to start afresh")
     return st

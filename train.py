@@ -25,7 +25,7 @@ import sasq
 CALIB = (data.CALIB, "self:256")
 # --quick: sized for a laptop CPU, on texts shipped in the installed wheels (nothing to download);
 # the comedies are not among the texts any table scores
-QUICK = dict(calib=["comedies", "self:8"], steps=16, seq_len=256, batch_size=2, calib_windows=8,
+QUICK = dict(calib=["comedies"], steps=12, seq_len=256, batch_size=2, calib_windows=8,
              heldout=4, checkpointing=True)
 
 
@@ -206,7 +206,8 @@ def save_finished(a, save, extra, harness):
 
 def run_record(a, fingerprint, cfg, comm=None) -> dict:
     """What this run is: --resume refuses a state whose record differs in any key."""
-    return {"world": comm.world if comm else 1, "fingerprint": fingerprint,
+    world = comm.world if comm else int(os.environ.get("WORLD_SIZE", "1"))
+    return {"world": world, "fingerprint": fingerprint,
             "config": dataclasses.asdict(cfg), "steps": a.steps, "batch_size": a.batch_size,
             "seq_len": a.seq_len, "lr": a.lr, "calib": list(a.calib), "init": a.init,
             "trunc_mult": a.trunc_mult, "calib_windows": a.calib_windows, "heldout": a.heldout,
@@ -307,8 +308,8 @@ def check_args(p, a, argv):
     state = a.out + ".state.pt"
     if a.resume and not os.path.exists(state):
         error(f"--resume but no {state} from an interrupted run")
-    if a.resume:                       # unreadable: say so now, not after loading and calibrating
-        checkpoints.load_state(state, {})
+    if a.resume:      # unreadable or another run's: say so now, not after loading and calibrating
+        checkpoints.load_state(state, run_record(a, None, quant_config(a)), unknown=["fingerprint"])
     if not a.resume and os.path.exists(state) and not a.force:
         error(f"{state} holds an interrupted run: continue it with --resume, or pass --force to "
               "discard it")

@@ -179,6 +179,9 @@ def sec_kv(a, dev, args, results):
     """ms per decode step with the cache's K and V in bf16 or as 8-bit codes (kvcache.py), the weights static
     fused INT8 (what ships). Scales are set, not trained: speed does not depend on their values."""
     gpu = dev == "cuda"
+    # on a CPU the cache kernels run their PyTorch reference: say so in the column names
+    caches = CACHES if gpu else {k.replace("our kernel", "reference of our kernel (CPU)"): v
+                                 for k, v in CACHES.items()}
     ctxs, batches = ((4096, 16384, 32768), (1, 8)) if gpu else ((48, 96), (1, 2))
     args = dataclasses.replace(args, max_seq_len=max(ctxs) + 1)
     m = build(args, dev)
@@ -193,7 +196,7 @@ def sec_kv(a, dev, args, results):
         for ctx in ctxs:
             for b in batches:
                 r = {"cached tokens": ctx, "batch": b, "bf16 cache GB": per_token * b * ctx * 2 / 1e9}
-                for name, fmt in CACHES.items():
+                for name, fmt in caches.items():
                     kvquant.detach(m)
                     if fmt in kvcache.CODES:
                         for d in kvquant.attach(m, 8, fmt):
@@ -208,13 +211,13 @@ def sec_kv(a, dev, args, results):
                     r[name] = timed(lambda: m(tok, pos=ctx), a.reps)
                     m.setup_cache(0, 0)
                     free()
-                bf16 = [r[n] for n in list(CACHES)[:2] if isinstance(r[n], float)]
-                for n in list(CACHES)[2:]:
+                bf16 = [r[n] for n in list(caches)[:2] if isinstance(r[n], float)]
+                for n in list(caches)[2:]:
                     if bf16 and isinstance(r[n], float):
                         r[f"{n[:4]} vs best bf16"] = min(bf16) / r[n]
                 rows.append(r)
     kvquant.detach(m)
-    out = {"decode": table(rows, ["cached tokens", "batch", "bf16 cache GB", *CACHES, "int8 vs best bf16",
+    out = {"decode": table(rows, ["cached tokens", "batch", "bf16 cache GB", *caches, "int8 vs best bf16",
                                   "fp8  vs best bf16"],
                            "decode step with a long KV cache, ms (static fused INT8 weights; 'vs': speed-up)" + a.run_label)}
     if gpu:
@@ -319,9 +322,11 @@ def main(argv=None):
     if bad := [s for s in sections if s not in SECTIONS]:
         p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
     if a.out:                    # before minutes of measuring: a place we may write, nothing replaced
-        there = [s for s in sections if os.path.exists(os.path.join(a.out, f"bench-{s}.json"))]
+        names = [s if i == 0 else f"{s}-run{i + 1}" for i in range(a.repeat) for s in sections]
+        there = [n for n in names if os.path.exists(os.path.join(a.out, f"bench-{n}.json"))]
         if there and not a.force:
-            p.exit(2, f"{p.prog}: error: --out {a.out} already holds bench-{there[0]}.json; pass --force to replace it\n")
+            p.exit(2, f"{p.prog}: error: --out {a.out} already holds bench-{there[0]}.json; pass --force "
+                      "to replace it\n")
         parent = a.out if os.path.isdir(a.out) else os.path.dirname(os.path.abspath(a.out))
         if os.path.isfile(a.out) or not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
             p.exit(2, f"{p.prog}: error: --out {a.out}: not a folder we can write\n")
@@ -338,11 +343,10 @@ def main(argv=None):
         a.run_label = f" (run {i + 1} of {a.repeat})"
         t0 = time.perf_counter()
         try:
+            key = s if i == 0 else f"{s}-run{i + 1}"               # repeated runs: bench-infer-run2.json, ...
             if s == "peak" or (s == "train" and "peak" not in results):     # train needs the peak for MFU
                 results["peak"] = kern.sec_peak(a, dev, args, results)
-            key = s if i == 0 else f"{s}-run{i + 1}"               # repeated runs: bench-infer-run2.json, ...
-            if s != "peak":
-                results[key] = run[s](a, dev, args, results)
+            results[key] = results["peak"] if s == "peak" else run[s](a, dev, args, results)
         except Exception as e:           # on a GPU run, one failing section must not cost the others
             if a.tiny:
                 raise

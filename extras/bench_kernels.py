@@ -143,14 +143,15 @@ def sec_peak(a, dev, args, results):
     x, y = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
     qa, qb = (torch.randint(-128, 128, (n, n), device=dev, dtype=torch.int8) for _ in range(2))
     ws = torch.ones(n, device=dev)
-    ops = {"bf16 matmul (cuBLAS)": lambda: x @ y, "int8 torch._int_mm (int32 out)": lambda: torch._int_mm(qa, qb.t())}
+    ops = {f"bf16 matmul ({'cuBLAS' if dev == 'cuda' else 'CPU'})": lambda: x @ y,
+           "int8 torch._int_mm (int32 out)": lambda: torch._int_mm(qa, qb.t())}
     if dev == "cuda" and int8.triton is not None:
         ops["int8 Triton kernel (bf16 out)"] = lambda: int8.triton_mm(qa, qb, ws)
     rows = []
     for name, fn in ops.items():
         t = timed(fn, a.reps)
         rows.append({"op": name, "n": n, "ms": t, "TFLOP/s": 2 * n ** 3 / t / 1e9})
-    return table(rows, ["op", "n", "ms", "TFLOP/s"], f"matmul peak, {n}^3")
+    return table(rows, ["op", "n", "ms", "TFLOP/s"], f"matmul peak, {n}^3" + getattr(a, "run_label", ""))
 
 
 SHAPES_7B = {"wq/wk/wv/wo": (4096, 4096), "w1/w3": (4096, 11008), "w2": (11008, 4096)}   # (in, out)

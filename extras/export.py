@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 
 import torch
 
@@ -237,6 +238,10 @@ def write_folder(out, sd: dict, config: dict, tok, force=False):
     parent, name = os.path.dirname(os.path.abspath(out)), os.path.basename(out)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.writing-")
     os.chmod(tmp, 0o777 & ~checkpoints.current_umask())         # mkdtemp makes 0700: readable as the umask says
+    import signal
+    from safetensors import SafetensorError
+    # SIGTERM (a scheduler, `kill`) ends us like Ctrl-C does, so the temporary folder is removed too
+    term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         shards, size = [[]], 0
         for k, v in sd.items():
@@ -257,9 +262,15 @@ def write_folder(out, sd: dict, config: dict, tok, force=False):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         save_tokenizer(tok, tmp)
-    except BaseException:           # a full disk, Ctrl-C: nothing half-written stays behind
+    except (OSError, SafetensorError) as e:     # a full disk: the folder named, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"--out {out}: cannot write the folder ({' '.join(str(e).split())[:120]}); "
+                      "nothing was left behind") from None
+    except BaseException:           # Ctrl-C, SIGTERM: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, term)
     aside = None
     if os.path.lexists(out):
         aside = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")

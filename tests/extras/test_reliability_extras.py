@@ -1,5 +1,6 @@
 """Extras' part of issue 22's defects, each reproduced: no finished result lost to a late check, nothing of the user's
 overwritten or removed, files readable by others, bad input answered in one line before any loading."""
+import json
 import os
 import stat
 import subprocess
@@ -179,3 +180,37 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="one process per GPU"):
         fsdp.setup("cuda")
+
+
+def test_bench_repeat_replaces_no_run_file_and_labels_every_run(tmp_path, capsys):
+    """#3, #8: --repeat N checks bench-SECTION-runK.json too; run 2 of the peak table is labelled and
+    written; on a CPU no row says cuBLAS, and the KV table names the reference, not our kernel."""
+    from extras import bench
+    (tmp_path / "bench-linear-run2.json").write_text("mine")
+    usage_error(bench.main, ["--tiny", "--sections", "linear", "--repeat", "2", "--out", str(tmp_path)],
+                capsys, "bench-linear-run2.json")
+    assert (tmp_path / "bench-linear-run2.json").read_text() == "mine"
+    bench.main(["--tiny", "--sections", "peak", "--repeat", "2", "--reps", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "(run 2 of 2)" in out and "cuBLAS" not in out
+    assert json.loads((tmp_path / "bench-peak-run2.json").read_text())["section"] == "peak"
+    res = bench.main(["--tiny", "--sections", "kv", "--reps", "1"])
+    assert "our kernel" not in capsys.readouterr().out.replace("reference of our kernel", "")
+    assert res["kv"]
+
+
+def test_export_cleans_up_on_sigterm_and_names_a_full_disk(d, monkeypatch):
+    """#12, #16: SIGTERM while writing removes the hidden temporary folder; a full disk names --out."""
+    import signal
+    real = export.save_tokenizer
+    monkeypatch.setattr(export, "save_tokenizer", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    out = d / "exp-term"
+    with pytest.raises(SystemExit):
+        tiny_export(d, out)
+    monkeypatch.setattr(export, "save_tokenizer", real)
+    assert not [n for n in os.listdir(d) if n.startswith(".exp-term")] and not out.exists()
+    monkeypatch.setattr(checkpoints, "save_safetensors",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match=f"--out {d / 'exp-full'}: cannot write the folder"):
+        tiny_export(d, d / "exp-full")
+    assert not [n for n in os.listdir(d) if n.startswith(".exp-full")]
