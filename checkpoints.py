@@ -585,7 +585,8 @@ def load_state(path, run: dict, unknown=()):
                           "delete it to start afresh") from None
     if run:
         keys = sorted({*saved, *run} - set(unknown))
-        diff = [f"{k} {saved.get(k)!r} -> {run.get(k)!r}" for k in keys if saved.get(k) != run.get(k)]
+        diff = [f"{k} {saved.get(k)!r} -> {run.get(k)!r}" for k in keys
+                if saved.get(k) != run.get(k)]
         if diff:
             raise ScalesError(f"{path} belongs to another run ({'; '.join(diff)}); resume with the "
                               "same settings, or delete it to start afresh")

@@ -287,9 +287,9 @@ def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch
 
 
 def sampler_batch(model, seq_len, free=None, most=128) -> int:
-    """How many sequences to sample side by side: up to `most` on a GPU (a decode step costs about the
-    same for 1 or 128 of them), 16 on a CPU, and never more than half the free GPU memory holds of
-    KV cache and logits (a 7B model's cache is 1 GiB per 2,048-token sequence). `free`: bytes."""
+    """How many sequences to sample side by side: up to `most` on a GPU (a decode step costs about
+    the same for 1 or 128 of them), 16 on a CPU, and never more than half the free GPU memory holds
+    of KV cache and logits (a 7B model's cache is 1 GiB per 2,048-token sequence). `free`: bytes."""
     p = next(model.parameters())
     if not p.is_cuda and free is None:
         return 16

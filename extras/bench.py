@@ -290,9 +290,18 @@ def sec_load(a, dev, args, results):
                  "loading a HF safetensors checkpoint")
 
 
+# 8B-class shapes people serve (their published configs): GQA, a large vocabulary, Qwen2's biases
+SHAPES = {"llama-2-7b": {},
+          "llama-3.1-8b": dict(n_kv_heads=8, vocab_size=128256, hidden_dim=14336, rope_theta=500000.0),
+          "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064,
+                             hidden_dim=18944, rope_theta=1e6, qkv_bias=True)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (a smoke test of the code)")
+    p.add_argument("--shape", choices=SHAPES, default="llama-2-7b", help="the model shape, random weights "
+                   "(default %(default)s)")
     p.add_argument("--sections", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(SECTIONS)} "
                    "(sweep is not in the default)")
     p.add_argument("--repeat", type=int, default=1, help="run the sections this many times in a row (tables say which "
@@ -332,7 +341,7 @@ def main(argv=None):
             p.exit(2, f"{p.prog}: error: --out {a.out}: not a folder we can write\n")
     dev = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     kern.CUDA = dev == "cuda"
-    args = kern.TINY if a.tiny else llama.ModelArgs()          # ModelArgs() is LLaMA-2-7B
+    args = kern.TINY if a.tiny else llama.ModelArgs(**SHAPES[a.shape])
     llama.allow_recompiles()                                # one graph per shape and variant
     device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, int8 back end {int8.BACKEND if dev == 'cuda' else 'torch'}")

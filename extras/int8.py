@@ -370,12 +370,14 @@ class DynamicInt8Linear(nn.Module):
             wq, sw = sasq.quantize_weight(linear.weight.float(), 8)
         self.register_buffer("weight", wq.to(torch.int8).contiguous())
         self.register_buffer("w_scale", sw.float())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x):
         xf = x.float().reshape(-1, x.shape[-1])
         s = sasq.token_scale(xf, 8)                                             # (tokens, 1): a reduction per token
         q = sasq.quantize(xf, s, 8).to(torch.int8)
-        return mm(q, self.weight, self.w_scale, s[:, 0], x.dtype).unflatten(0, x.shape[:-1])
+        y = mm(q, self.weight, self.w_scale, s[:, 0], x.dtype).unflatten(0, x.shape[:-1])
+        return y if self.bias is None else y + self.bias
 
 
 class DynamicFeedForward(nn.Module):

@@ -13,3 +13,5 @@ python3 -m extras.bench --sections kv --reps 10 --repeat 2 --out "$out/kv"
 python3 -m extras.bench --sections train --out "$out/train"
 [ -n "$tok" ] && python3 -m extras.bench --sections eval,load --tokenizer "$tok" --out "$out/load"
 exit 0
+# the 8B-class shapes people serve (docs/bench.md, "Llama 3.1 and Qwen2.5 shapes"; results/bench/shapes-h100/)
+for s in llama-3.1-8b qwen2.5-7b; do python3 -m extras.bench --shape $s --sections infer --reps 10 --out "$out/$s"; done
