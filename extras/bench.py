@@ -17,7 +17,7 @@ Sections (each prints a table; --out gets bench-SECTION.json):
   eval    a WikiText-2-sized evaluation forward: fp vs fake-quant static W8A8, eager and compiled
   train   SASQ training (train.train_scales itself) at seq 2048, batch 1..8, with and without
           activation checkpointing: tokens/s, peak memory, MFU against the measured bf16 peak
-  load    write a 7B-sized Hugging Face safetensors folder, time model.load on it (--tokenizer needed)
+  load    write a 7B-sized Hugging Face safetensors folder, time checkpoints.load_model on it (--tokenizer needed)
   kv      decode with a long KV cache (4k, 16k, 32k tokens; batch 1 and 8), static fused INT8 weights:
           bf16 cache (PyTorch's attention, and our kernel) against int8 and fp8 codes (kvcache.py)
   sweep   (not in the default list) time candidate tiles of our int8 GEMM per 7B shape and M bucket;
@@ -285,7 +285,7 @@ def sec_load(a, dev, args, results):
         del m
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    cols = ["GB on disk", "build + write s", "llama.load s (warm page cache)", "GB/s"]
+    cols = ["GB on disk", "build + write s", "load_model s (warm page cache)", "GB/s"]
     return table([dict(zip(cols, (size / 1e9, write_s, load_s, size / 1e9 / load_s)))], cols,
                  "loading a HF safetensors checkpoint")
 

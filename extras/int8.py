@@ -413,7 +413,7 @@ def _swap(model, fn):
 
 
 def convert(model, keep_float=True):
-    """Swap every static W8A8 QuantLinear (from sasq.attach / sasq.load) for a real Int8Linear."""
+    """Swap every static W8A8 QuantLinear (from sasq.attach / checkpoints.load_scales) for a real Int8Linear."""
     shared = {}
     n = _swap(model, lambda m: Int8Linear(m, keep_float, shared) if isinstance(m, sasq.QuantLinear) else None)
     if n == 0:

@@ -143,7 +143,7 @@ def read_config(path) -> dict | None:
 
 
 def load(path, model, quantizers=None, override=None):
-    """Attach the KV quantizers stored in `path` (sasq.load has checked the file belongs to the model).
+    """Attach the KV quantizers stored in `path` (checkpoints.load_scales has checked the file belongs to the model).
     `override` (eval.py --kv-baselines): "ptq" or "token" keep the file's bits and format but take the
     scales from calibration or from each token; returns (kv, cfg), or (None, None) without KV in the file."""
     cfg = read_config(path)

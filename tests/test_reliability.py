@@ -1,4 +1,4 @@
-"""Issue 22's defects, each reproduced: no finished result lost to a late check, nothing of the user's
+"""The reliability probes' defects, each reproduced: no finished result lost to a late check, nothing of the user's
 overwritten or removed, files readable by others, bad input answered in one line before any loading."""
 import json
 import os
@@ -100,7 +100,7 @@ def test_eval_json_is_never_replaced_or_lost(d, capsys):
 
 
 def test_scales_files_are_readable_by_others(d):
-    """#9: sasq.save honours the umask (safetensors alone writes 0600)."""
+    """#9: checkpoints.save_scales honours the umask (safetensors alone writes 0600)."""
     old = os.umask(0o022)
     try:
         m, _ = checkpoints.load_model(str(d / "tiny"))

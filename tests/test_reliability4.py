@@ -47,7 +47,7 @@ def no_loading(monkeypatch):
 
 
 def test_temporary_names_never_take_the_users_files(d, tmp_path, capsys):
-    """#1: sasq.save, the state and eval --json wrote OUT.tmp, STATE.tmp, JSON.tmp and removed them."""
+    """#1: the scales file, the state and eval --json wrote OUT.tmp, STATE.tmp, JSON.tmp and removed them."""
     out = tmp_path / "s.safetensors"
     mine = {p: f"mine {p}" for p in (f"{out}.tmp", f"{out}.state.pt.tmp", f"{tmp_path}/r.json.tmp")}
     for p, text in mine.items():

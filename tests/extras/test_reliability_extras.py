@@ -1,5 +1,5 @@
-"""Extras' part of issue 22's defects, each reproduced: no finished result lost to a late check, nothing of the user's
-overwritten or removed, files readable by others, bad input answered in one line before any loading."""
+"""The extras' part of the reliability probes, each defect reproduced: nothing of the user's overwritten
+or removed, bad input answered in one line before any loading (fixtures and helpers: test_reliability)."""
 import json
 import os
 import stat
@@ -13,39 +13,11 @@ from extras import export
 import checkpoints
 import sasq
 import train
-from conftest import ROOT, random_meta_state, write_meta
+from conftest import ROOT
+import test_reliability
+from test_reliability import cli, one_line, usage_error
 
-
-@pytest.fixture(scope="module")
-def d(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rel")
-    write_meta(d / "tiny", random_meta_state())
-    write_meta(d / "other", random_meta_state(seed=1))
-    (d / "text.txt").write_text("A short line of text for a tiny model. " * 200)
-    (d / "blank.txt").write_text(" \n\t\n" * 500)
-    (d / "nul.txt").write_text("\x00" * 2000)
-    m, _ = checkpoints.load_model(str(d / "other"))
-    checkpoints.save_scales(d / "other.safetensors", m, sasq.attach(m, sasq.QuantConfig()), sasq.QuantConfig())
-    return d
-
-
-def cli(*args, timeout=180):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def usage_error(main, args, capsys, text):
-    """In-process: a usage error is one line on stderr and exit status 2, before anything loads."""
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and text in err and len(err.strip().splitlines()) <= 2, err   # usage + error line
-    return err
-
-
-def one_line(r, code, text):
-    err = r.stderr.strip().splitlines()
-    assert r.returncode == code and text in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-    return err[-1]
+d = test_reliability.d           # the module's fixture: a tiny model, texts, another model's scales
 
 
 def tiny_export(d, out, **kw):
