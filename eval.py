@@ -30,6 +30,7 @@ import cli
 import data
 import sasq
 
+
 def DYNAMIC(w, a):
     return sasq.QuantConfig(wbits=w, abits=a, act="dynamic")
 
@@ -38,115 +39,88 @@ def TENSOR(w, a):
     return sasq.QuantConfig(wbits=w, abits=a, per_channel=False, truncation=False)
 
 
-# mode -> (quantizer config, PTQ init method ("init": --init) or None, label, float-model rewrite)
+def CHANNEL(w, a):
+    return sasq.QuantConfig(wbits=w, abits=a, truncation=False)
+
+
+def QUAROT(w, a):
+    return sasq.QuantConfig(wbits=w, abits=a, act="dynamic", clip=0.9)
+
+
+def W_ONLY(w, a):
+    return sasq.QuantConfig(wbits=w, abits=None)
+
+
+# mode -> (quantizer config, PTQ init ("init": --init's) or None, label, float-model rewrite)
 BASELINES = {
-    "w8": (lambda w, a: sasq.QuantConfig(wbits=w, abits=None), None, "W{w} (weights only)", None),
+    "w8": (W_ONLY, None, "W{w} (weights only)", None),
     "dynamic": (DYNAMIC, None, "W{w}A{a} dynamic per-token", None),
     "static-tensor": (TENSOR, "max", "W{w}A{a} static per-tensor (max)", None),
-    "static-channel": (
-        lambda w, a: sasq.QuantConfig(wbits=w, abits=a, truncation=False),
-        "init",
-        "W{w}A{a} static per-channel (PTQ init, {init})",
-        None,
-    ),
+    "static-channel": (CHANNEL, "init", "W{w}A{a} static per-channel (PTQ init, {init})", None),
     "smoothquant": (DYNAMIC, None, "W{w}A{a} SmoothQuant a={alpha} dynamic per-token", "smooth"),
-    "smoothquant-static": (
-        TENSOR,
-        "max",
-        "W{w}A{a} SmoothQuant a={alpha} static per-tensor (max)",
-        "smooth",
-    ),
-    "quarot": (
-        lambda w, a: sasq.QuantConfig(wbits=w, abits=a, act="dynamic", clip=0.9),
-        None,
-        "W{w}A{a} QuaRot-RTN (rotation, dynamic per-token, clip 0.9)",
-        "rotate",
-    ),
+    "smoothquant-static": (TENSOR, "max", "W{w}A{a} SmoothQuant a={alpha} static per-tensor (max)",
+                           "smooth"),
+    "quarot": (QUAROT, None, "W{w}A{a} QuaRot-RTN (rotation, dynamic per-token, clip 0.9)",
+               "rotate"),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {checkpoints.DEFAULT_CKPT})")
-    p.add_argument("--test", action="append", help="text to score, repeatable (default "
-                                                   f"{data.TEST}); "
-                   f"`ood` stands for the out-of-domain set, {', '.join(data.OOD)}")
-    p.add_argument("--modes", default="fp", help="comma-separated: fp," + ",".join(BASELINES))
-    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength "
-                                                            "(paper 0.5; "
-                   "llm-compressor uses 0.8 for LLaMA)")
-    p.add_argument(
-        "--scales", action="append", default=[], help="SASQ scales file(s) from train.py"
-    )
-    p.add_argument("--wbits", type=int, default=8, help="weight bits of the baseline rows (default "
-                                                        "8; a scales "
-                   "file's row uses its own)")
-    p.add_argument("--abits", type=int, default=8, help="activation bits of the baseline rows "
-                                                        "(default 8)")
-    p.add_argument("--calib", default=data.CALIB, help="PTQ calibration text for the static "
-                                                       "baselines")
-    p.add_argument("--calib-windows", type=int, default=16, help="as train.py's PTQ initialisation")
-    p.add_argument("--init", choices=("mean", "max"), default=sasq.INIT, help="static-channel's "
-                                                                              "PTQ init, as "
-                                                                              "train.py's")
-    p.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per PTQ calibration "
-                                                                   "window (default 2048)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per test window (default "
-                                                             "2048, the protocol's)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N windows")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default 8 on "
-                                                                "GPU, 1 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (GPU): "
-                                                          "fake-quant then "
-                   "costs what fp does (bench.py eval); pays off on 7B, not on a 135M model")
-    p.add_argument("--int8", action="store_true", help="run SASQ rows through real INT8 GEMMs "
-                                                       "(int8.py)")
-    p.add_argument("--fused", action="store_true", help="with --int8: the gate/up GEMM writes the "
-                                                        "w2 input's "
-                   "int8 codes (int8.fuse; static scales without rotation)")
-    p.add_argument("--json", default=None, help="also write the rows as JSON here")
-    p.add_argument("--force", action="store_true", help="replace an existing --json file")
-    p.add_argument("--hf", action="append", default=[], help="a Hugging Face folder to evaluate "
-                                                             "through "
-                   "transformers (e.g. export.py's output); repeatable")
-    p.add_argument("--prompt", default=None, help="print each mode's greedy completion of this "
-                                                  "prompt beside fp's")
-    p.add_argument("--greedy", type=int, default=0, help="greedy agreement with fp on N prompts "
-                                                         "from the test text")
-    p.add_argument("--decode", choices=("static", "dynamic"), default="static", help="SASQ rows: "
-                                                                                     "scales of "
-                   "one-token decode steps (dynamic: static prefill, per-token dynamic decode)")
-    p.add_argument("--kv-baselines", action="store_true", help="each scales file with KV-cache "
-                                                               "scales "
-                   "(train.py --kv-bits) is also scored with a float cache, a per-token dynamic "
-                   "one and PTQ max "
-                   "KV scales, its activation scales unchanged")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--ckpt", default=None, help=f"checkpoint (default: {checkpoints.DEFAULT_CKPT})")
+    add("--test", action="append", help=f"text to score, repeatable (default {data.TEST}); `ood` "
+        f"stands for the out-of-domain set, {', '.join(data.OOD)}")
+    add("--modes", default="fp", help="comma-separated: fp," + ",".join(BASELINES))
+    add("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (paper 0.5; "
+        "llm-compressor uses 0.8 for LLaMA)")
+    add("--scales", action="append", default=[], help="SASQ scales file(s) from train.py")
+    add("--wbits", type=int, default=8, help="weight bits of the baseline rows (default 8; a "
+        "scales file's row uses its own)")
+    add("--abits", type=int, default=8, help="activation bits of the baseline rows (default 8)")
+    add("--calib", default=data.CALIB, help="PTQ calibration text for the static baselines")
+    add("--calib-windows", type=int, default=16, help="as train.py's PTQ initialisation")
+    add("--init", choices=("mean", "max"), default=sasq.INIT, help="static-channel's PTQ init, as "
+        "train.py's")
+    add("--calib-seq-len", type=int, default=2048, help="tokens per PTQ calibration window "
+        "(default 2048)")
+    add("--seq-len", type=int, default=2048, help="tokens per test window (default 2048, the "
+        "protocol's)")
+    add("--limit", type=int, default=None, help="only the first N windows")
+    add("--batch-size", type=int, default=None, help="windows per forward (default 8 on GPU, 1 "
+        "on CPU)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or "
+        "cuda:N (default: cuda when a GPU is visible)")
+    add("--dtype", choices=("float32", "bfloat16"), default=None, help="weights dtype (default: "
+        "bfloat16 on GPU, float32 on CPU)")
+    add("--compile", action="store_true", help="torch.compile the blocks (GPU): fake-quant then "
+        "costs what fp does; pays off on 7B, not on a 135M model")
+    add("--int8", action="store_true", help="run SASQ rows through real INT8 GEMMs "
+        "(extras/int8.py)")
+    add("--fused", action="store_true", help="with --int8: the gate/up GEMM writes the w2 "
+        "input's int8 codes (static scales without rotation)")
+    add("--json", default=None, help="also write the rows as JSON here")
+    add("--force", action="store_true", help="replace an existing --json file")
+    add("--hf", action="append", default=[], help="a Hugging Face folder to evaluate through "
+        "transformers (e.g. extras/export.py's output); repeatable")
+    add("--prompt", default=None, help="print each mode's greedy completion of this prompt "
+        "beside fp's")
+    add("--greedy", type=int, default=0, help="greedy agreement with fp on N prompts from the "
+        "test text")
+    add("--decode", choices=("static", "dynamic"), default="static", help="SASQ rows: scales of "
+        "one-token decode steps (dynamic: static prefill, per-token dynamic decode)")
+    add("--kv-baselines", action="store_true", help="each scales file with KV-cache scales "
+        "(train.py --kv-bits) is also scored with a float cache, a per-token dynamic one and PTQ "
+        "max KV scales, its activation scales unchanged")
+    add("--debug", action="store_true", help="show the full traceback on errors")
     a = p.parse_args(argv)
     cli.check_args(p, a)
     check_usage(p, a)
     if a.json:                   # where the result goes is checked before minutes of evaluation
         cli.check_writable(p, a.json, a.force, "--json")
     for folder in a.hf:
-        missing = (
-            "no such folder"
-            if not os.path.isdir(folder)
-            else (
-                "no config.json in it"
-                if not os.path.isfile(os.path.join(folder, "config.json"))
-                else (
-                    "no .safetensors weights in it"
-                    if not any(n.endswith(".safetensors") for n in os.listdir(folder))
-                    else hf_quant_problem(folder)
-                )
-            )
-        )
+        missing = hf_folder_problem(folder)
         if missing:
             p.exit(2, f"{p.prog}: error: --hf {folder}: {missing}\n")
     return a
@@ -181,6 +155,17 @@ def check_usage(p, a):
         error("; ".join(filter(None, problems)))
 
 
+def hf_folder_problem(folder):
+    """Why --hf FOLDER cannot be scored, or None."""
+    if not os.path.isdir(folder):
+        return "no such folder"
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return "no config.json in it"
+    if not any(n.endswith(".safetensors") for n in os.listdir(folder)):
+        return "no .safetensors weights in it"
+    return hf_quant_problem(folder)
+
+
 def hf_quant_problem(folder):
     """None if transformers reads `folder` as we score it (plain, or compressed-tensors), else why
     not: another quant_method would load its int8 codes as float weights and drop the scales."""
@@ -200,11 +185,9 @@ def check_scales(path, model):
     """Before the first row: the scales file must belong to this model (a rotated file: to the model
     it was rotated from, if the file records it; older files are checked when their row comes)."""
     meta, cfg = checkpoints.read_scales_meta(path)
-    want = (
-        json.loads(meta.get("extra", "{}")).get("base_fingerprint")
-        if cfg.rotate is not None
-        else meta.get("fingerprint")
-    )
+    rotated = cfg.rotate is not None
+    want = json.loads(meta.get("extra", "{}")).get("base_fingerprint") if rotated else \
+        meta.get("fingerprint")
     if want is not None and want != checkpoints.fingerprint(model):
         raise checkpoints.ScalesError(f"{path}: these scales belong to another model (fingerprint "
                                       f"{want}, this model "
@@ -255,19 +238,14 @@ def attach_mode(model, tok, mode, a):
             kv, kv_cfg = kvquant.load(mode[1], model, qs, None if kv_how == "trained" else kv_how)
         if kv_how == "ptq":
             kvquant.calibrate(model, kv, calib_windows(tok, a), batch_size=4)
-        label = (
-            f"SASQ W{cfg.wbits}A{cfg.abits}"
-            + (
-                " deployable"
-                if cfg.tied_wo and not cfg.truncation
-                else "" if cfg.truncation else " no truncation"
-            )
-            + (" + rotation" if rotate is not None else "")
-            + (" decode dynamic" if a.decode == "dynamic" else "")
-            + (f" {kv_label(kv_cfg, kv_how)}" if kv else "")
-            + (" float KV cache" if kv_how == "off" else "")
-            + f" [{os.path.basename(mode[1])}]"
-        )
+        recipe = (" deployable" if cfg.tied_wo and not cfg.truncation else
+                  "" if cfg.truncation else " no truncation")
+        label = (f"SASQ W{cfg.wbits}A{cfg.abits}{recipe}"
+                 + (" + rotation" if rotate is not None else "")
+                 + (" decode dynamic" if a.decode == "dynamic" else "")
+                 + (f" {kv_label(kv_cfg, kv_how)}" if kv else "")
+                 + (" float KV cache" if kv_how == "off" else "")
+                 + f" [{os.path.basename(mode[1])}]")
         if a.int8:
             from extras import int8
             int8.convert(model)
@@ -321,14 +299,9 @@ class HFModel:
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens, eos_id=None):
-        return self.hf.generate(
-            tokens,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
+        n = max_new_tokens
+        return self.hf.generate(tokens, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
 
 
 @torch.no_grad()
@@ -349,8 +322,7 @@ def greedy_agreement(m, prompts, fp_out):
 
 
 def score(m, label, bits, wins, a, ctx):
-    """One table row: perplexity (and seconds) per text, greedy agreement, the prompt's
-    completion."""
+    """One table row: perplexity (and seconds) per text, greedy agreement, the completion."""
     row = {"mode": label, "wbits": bits[0], "abits": bits[1]}
     for t, w in wins.items():
         sync = torch.cuda.synchronize if str(a.device).startswith("cuda") else (lambda: None)
@@ -362,17 +334,13 @@ def score(m, label, bits, wins, a, ctx):
     if a.greedy:
         if "fp_out" not in ctx:     # fp comes first: its continuations are the reference
             ctx["fp_out"] = [m.generate(p, 64) for p in ctx["prompts"]]
-        row["greedy agreement"], row["greedy prefix"] = greedy_agreement(
-            m, ctx["prompts"], ctx["fp_out"]
-        )
+        agree = greedy_agreement(m, ctx["prompts"], ctx["fp_out"])
+        row["greedy agreement"], row["greedy prefix"] = agree
     if a.prompt:
         out = m.generate(ctx["prompt"], 32)
         row["completion"] = ctx["tok"].decode(out[0, ctx["prompt"].shape[1]:].tolist())
-    extra = (
-        f" | greedy agreement {row['greedy agreement']:.3f}, prefix {row['greedy prefix']:.1f}"
-        if a.greedy
-        else ""
-    )
+    extra = (f" | greedy agreement {row['greedy agreement']:.3f}, prefix "
+             f"{row['greedy prefix']:.1f}" if a.greedy else "")
     print(f"{label}: " + " | ".join(f"{t} ppl {row[t]:.3f}" for t in wins) + extra, flush=True)
     if a.prompt:
         print(f"    {row['completion']!r}")
@@ -405,9 +373,8 @@ def main(argv=None):
     if a.greedy:     # prompts of 64 tokens, evenly spaced through the first test text
         ids = data.token_windows(tok, tests[0], 64)
         step = max(1, len(ids) // a.greedy)
-        ctx["prompts"] = [ids[i : i + 1].to(a.device) for i in range(0, step * a.greedy, step)][
-            : a.greedy
-        ]
+        starts = range(0, step * a.greedy, step)[:a.greedy]
+        ctx["prompts"] = [ids[i:i + 1].to(a.device) for i in starts]
         modes = ["fp"] + [m for m in modes if m != "fp"]      # fp's continuations are the reference
     if a.prompt:
         ctx["prompt"] = torch.tensor([tok.encode(a.prompt)], device=a.device)
@@ -417,37 +384,24 @@ def main(argv=None):
     if set(modes) & NEEDS_CALIB or a.kv_baselines:    # a bad --calib fails before the first row
         calib_windows(tok, a)
     rows = []
-    kv_rows = [
-        ("scales", s, how)
-        for s in a.scales
-        if a.kv_baselines and has_kv(s)
-        for how in ("off", "token", "ptq")
-    ]
+    kv_rows = [("scales", s, how) for s in a.scales if a.kv_baselines and has_kv(s)
+               for how in ("off", "token", "ptq")]
     for mode in modes + [("scales", s) for s in a.scales] + kv_rows:
         m, label, *bits = attach_mode(model, tok, mode, a)
         rows.append(score(m, label, bits, wins, a, ctx))
         detach_mode(m, a)
     for folder in a.hf:
-        rows.append(
-            score(
-                HFModel(folder, a.device, getattr(torch, a.dtype)),
-                f"HF [{os.path.basename(folder.rstrip('/'))}]",
-                (None, None),
-                wins,
-                a,
-                ctx,
-            )
-        )
+        hf = HFModel(folder, a.device, getattr(torch, a.dtype))
+        rows.append(score(hf, f"HF [{os.path.basename(folder.rstrip('/'))}]", (None, None), wins,
+                          a, ctx))
     print(markdown_table(rows, tests))
     if a.json:
         write_json(a, rows)
 
 
 def write_json(a, rows):
-    clean = [
-        {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-        for r in rows
-    ]
+    finite = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    clean = [{k: finite(v) for k, v in r.items()} for r in rows]
     doc = {"ckpt": a.ckpt or checkpoints.DEFAULT_CKPT, "seq_len": a.seq_len, "rows": clean}
     try:
         with checkpoints.atomic_path(a.json, force=True) as tmp, open(tmp, "w") as f:
@@ -459,11 +413,8 @@ def write_json(a, rows):
 
 def markdown_table(rows, tests):
     greedy = "greedy agreement" in rows[0]
-    head = (
-        "| mode | "
-        + " | ".join(f"{t} ppl | s" for t in tests)
-        + (" | greedy agreement | prefix" if greedy else "")
-    )
+    head = ("| mode | " + " | ".join(f"{t} ppl | s" for t in tests)
+            + (" | greedy agreement | prefix" if greedy else ""))
     lines = [head + " |", "|" + "---|" * (1 + 2 * len(tests) + 2 * greedy)]
     for r in rows:
         cells = [f"{r[t]:.3f} | {r[t + ' seconds']:.1f}" for t in tests]
