@@ -287,14 +287,8 @@ def read_meta(folder):
                    vocab_size=sd["tok_embeddings.weight"].shape[0])
     if "output.weight" not in sd:
         args.tie_embeddings = True
-    tok_path = next(
-        (
-            p
-            for p in (os.path.join(folder, t) for t in ("tokenizer.model", "../tokenizer.model"))
-            if os.path.exists(p)
-        ),
-        None,
-    )
+    candidates = (os.path.join(folder, t) for t in ("tokenizer.model", "../tokenizer.model"))
+    tok_path = next((p for p in candidates if os.path.exists(p)), None)
     if tok_path is None:
         raise CheckpointError(f"{folder}: no tokenizer.model in the folder or its parent (Meta's "
                               "download keeps it one level above the model folder)")
@@ -326,10 +320,8 @@ def read_hf(folder):
             for kind in ("weight", "bias"):
                 key = f"layers.{i}.attention.{name}.{kind}"
                 if key in sd and sd[key].shape[0] == n * hd:
-                    w = sd[key]
-                    sd[key] = _permute_hf_to_meta(w if w.ndim == 2 else w[:, None], n).reshape(
-                        w.shape
-                    )
+                    w = sd[key]           # a bias (Qwen2) is permuted as a one-column matrix
+                    sd[key] = _permute_hf_to_meta(w.reshape(w.shape[0], -1), n).reshape(w.shape)
     return args, sd, tokenizer.from_hf_folder(folder, cfg)
 
 
@@ -347,16 +339,14 @@ def read_gguf(path):
     args = _config(args_from_gguf, path, reader,
                    has_output=any(t.name == "output.weight" for t in reader.tensors))
 
-    def tensors(_):
+    def weight(t):
         # dequantize returns the PyTorch (out, in) layout although t.shape reads (in, out)
-        return {
-            _rename(t.name, GGUF_TOP, "blk.", GGUF_LEAF): torch.from_numpy(
-                gguf.quants.dequantize(t.data, t.tensor_type)
-                .reshape([int(d) for d in reversed(t.shape)])
-                .astype("float32")
-            )
-            for t in reader.tensors
-        }
+        shape = [int(d) for d in reversed(t.shape)]
+        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+                                .astype("float32"))
+
+    def tensors(_):
+        return {_rename(t.name, GGUF_TOP, "blk.", GGUF_LEAF): weight(t) for t in reader.tensors}
     sd = _read(tensors, path)
     sp = os.path.join(os.path.dirname(path), "tokenizer.model")
     if os.path.exists(sp):
@@ -428,9 +418,8 @@ def _download(name):
     repo = HUB_IDS.get(name, name)
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(
-            repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]
-        )
+        patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+        return snapshot_download(repo, allow_patterns=patterns)
     except Exception as e:   # offline, gated repo, missing token...: all end in the same advice
         raise CheckpointError(
             f"{name}: not a local folder, and fetching {repo} from the hub failed "

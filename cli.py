@@ -99,9 +99,8 @@ def run_main(main):
     if not sys.stderr.isatty():
         from functools import partialmethod
         from tqdm import tqdm
-        tqdm.__init__ = partialmethod(
-            tqdm.__init__, mininterval=30, delay=10, file=LineFile(sys.stderr)
-        )
+        quiet = dict(mininterval=30, delay=10, file=LineFile(sys.stderr))
+        tqdm.__init__ = partialmethod(tqdm.__init__, **quiet)
     try:
         main()
     except KeyboardInterrupt:
@@ -170,11 +169,8 @@ class Harness:
         start = self.load(quantizers, opt, sched, gen, losses) if self.resume else 0
         guard, self.t0 = FiniteGuard(quantizers, start), time.time()
         with StopOnSignal() as stop:
-            bar = tqdm(
-                range(start, steps),
-                desc="train scales",
-                disable=not self.progress or bool(self.rank),
-            )
+            hide = not self.progress or bool(self.rank)
+            bar = tqdm(range(start, steps), desc="train scales", disable=hide)
             for step in bar:
                 guard.remember()
                 yield step
@@ -187,11 +183,9 @@ class Harness:
                 if self.path and (flag or last or (self.every and (step + 1) % self.every == 0)):
                     self.save(step + 1, quantizers, opt, sched, gen, losses)
                 if flag:
-                    where = (
-                        f"state saved to {self.path}, continue with --resume"
-                        if not self.state_error
-                        else f"the state could not be saved ({self.state_error})"
-                    )
+                    where = (f"state saved to {self.path}, continue with --resume" if not
+                             self.state_error else f"the state could not be saved "
+                             f"({self.state_error})")
                     raise Stopped(f"{stop.flag or 'a signal to another rank'} after step "
                                   f"{step + 1} of "
                                   f"{steps}; {where}")
@@ -231,13 +225,10 @@ class StopOnSignal:
 
     def __enter__(self):
         import signal
-        self.flag, self.old = None, {
-            s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)
-        }
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        self.flag, self.old = None, {s: signal.getsignal(s) for s in sigs}
         for s in self.old:
-            signal.signal(
-                s, lambda signum, frame: setattr(self, "flag", signal.Signals(signum).name)
-            )
+            signal.signal(s, lambda num, frame: setattr(self, "flag", signal.Signals(num).name))
         return self
 
     def __exit__(self, *exc):
@@ -267,9 +258,7 @@ class FiniteGuard:
         good, kept = (self.cur, step) if math.isfinite(vals[0]) else (self.prev, step - 1)
         if good is None or kept < self.start:
             raise NonFinite(f"non-finite loss at step {step}, the first step of this run; no "
-                            "usable "
-                            "scales", None)
+                            "usable scales", None)
         self.q.load_state_dict(good)
-        raise NonFinite(
-            f"non-finite loss or scale at step {step}; kept the scales of step {kept}", kept
-        )
+        raise NonFinite(f"non-finite loss or scale at step {step}; kept the scales of step {kept}",
+                        kept)

@@ -26,9 +26,8 @@ import sasq  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {checkpoints.DEFAULT_CKPT})")
     p.add_argument("--scales", default=None, help="trained scales from train.py (default: PTQ init "
                                                   "only)")
@@ -91,9 +90,8 @@ def capture(model, quantizers, wins, keep, device="cpu"):
                 if key[0] in keep:
                     acts.setdefault(key, []).append(x.cpu())
                 xa = after(mod, x)
-                depth.setdefault(key, []).append(
-                    (x.abs().max().item(), p999(x), xa.abs().max().item(), p999(xa))
-                )
+                stats = (x.abs().max().item(), p999(x), xa.abs().max().item(), p999(xa))
+                depth.setdefault(key, []).append(stats)
             hooks.append(q.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -155,11 +153,8 @@ def plot_point(path, title, q, x):
         h.axvline(v, color="k", ls=style)
         h.axvline(-v, color="k", ls=style)
     h.set_yscale("log")
-    h.set(
-        title=f"{title}: values (dashed: max clip, dotted: median clip)",
-        xlabel="activation",
-        ylabel="count",
-    )
+    h.set(title=f"{title}: values (dashed: max clip, dotted: median clip)", xlabel="activation",
+          ylabel="count")
     h.legend(fontsize=8)
     n = x.shape[1]
     ch.plot(x.abs().amax(0).numpy(), lw=0.8, label="absmax before")
@@ -179,17 +174,11 @@ def depth_stats(depth, point):
     """Per layer: max |x| (max over windows), p99.9 (mean over windows), the same after; (layers,
     (n, 4))."""
     layers = sorted(i for i, p in depth if p == point)
-    return layers, torch.tensor(
-        [
-            [
-                max(r[0] for r in depth[i, point]),
-                sum(r[1] for r in depth[i, point]) / len(depth[i, point]),
-                max(r[2] for r in depth[i, point]),
-                sum(r[3] for r in depth[i, point]) / len(depth[i, point]),
-            ]
-            for i in layers
-        ]
-    )
+
+    def row(rs):            # the per-window rows of one layer
+        return [max(r[0] for r in rs), sum(r[1] for r in rs) / len(rs),
+                max(r[2] for r in rs), sum(r[3] for r in rs) / len(rs)]
+    return layers, torch.tensor([row(depth[i, point]) for i in layers])
 
 
 def print_spikes(depth, points, top=2):
@@ -235,17 +224,11 @@ def main(argv=None):
         label = "SASQ"
     else:
         quantizers = sasq.attach(model, sasq.QuantConfig())
-        sasq.calibrate(
-            model, quantizers, data.token_windows(tok, a.calib, a.seq_len, 8), batch_size=4
-        )
+        calib = data.token_windows(tok, a.calib, a.seq_len, 8)
+        sasq.calibrate(model, quantizers, calib, batch_size=4)
         label = "PTQ init"
-    acts, depth = capture(
-        model,
-        quantizers,
-        data.token_windows(tok, a.text, a.seq_len, a.windows),
-        set(layers),
-        a.device,
-    )
+    wins = data.token_windows(tok, a.text, a.seq_len, a.windows)
+    acts, depth = capture(model, quantizers, wins, set(layers), a.device)
     os.makedirs(a.out, exist_ok=True)
     paths, stats = [], {}
     print(f"{'layer':>5} {'point':>5} {'clipped':>9} {'max|x|':>9} {'after':>9} {'max drop':>9}")
