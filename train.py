@@ -1,7 +1,7 @@
 """Train SASQ's static activation scales: PTQ-initialise them, then minimise next-token loss over
 the scales only; every weight stays frozen.
 
-    python train.py --quick          # a CPU-sized run on the embedded model and texts (~2 min)
+    python train.py --quick          # CPU-sized, on the embedded model and texts (2 cores: 1.5 min)
     python train.py                  # the recipe: embedded SmolLM2, WikiText-2 + its own text
     python train.py --ckpt llama-2-7b --checkpointing --deployable    # what an engine can load
     torchrun --nproc-per-node 4 -m extras.fsdp --ckpt llama-2-70b     # several GPUs, same options
