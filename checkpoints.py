@@ -117,8 +117,9 @@ def args_from_params_json(p: dict, vocab_size: int) -> ModelArgs:
     m = p.get("multiple_of", 256)
     hidden = m * ((hidden + m - 1) // m)
     scaling = None
-    if p.get("use_scaled_rope"):       # Llama 3.1+: Meta's code fixes these (3.2 1B/3B: factor 32)
-        scaling = {"type": "llama3", "factor": p.get("rope_scaling_factor") or 8.0,
+    if p.get("use_scaled_rope"):       # Llama 3.1+: Meta's code fixes all of these but the factor
+        factor = p.get("rope_scaling_factor") or p.get("rope_scale_factor") or 8.0  # 3.2 1B/3B: 32
+        scaling = {"type": "llama3", "factor": factor,
                    "low_freq_factor": 1.0, "high_freq_factor": p.get("high_freq_factor", 4.0),
                    "original_max_position_embeddings": 8192}
     return ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
