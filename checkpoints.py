@@ -118,7 +118,11 @@ def args_from_params_json(p: dict, vocab_size: int) -> ModelArgs:
     hidden = m * ((hidden + m - 1) // m)
     scaling = None
     if p.get("use_scaled_rope"):       # Llama 3.1+: Meta's code fixes all of these but the factor
-        factor = p.get("rope_scaling_factor") or p.get("rope_scale_factor") or 8.0  # 3.2 1B/3B: 32
+        factor = p.get("rope_scaling_factor") or p.get("rope_scale_factor")
+        if factor is None and p["n_layers"] < 32:      # 3.1 (32+ layers) uses 8, 3.2 1B/3B 32
+            raise ValueError("use_scaled_rope without rope_scaling_factor in a model smaller than "
+                             "Llama 3.1 8B: add the factor (Llama 3.2: 32) or use the HF folder")
+        factor = factor or 8.0
         scaling = {"type": "llama3", "factor": factor,
                    "low_freq_factor": 1.0, "high_freq_factor": p.get("high_freq_factor", 4.0),
                    "original_max_position_embeddings": 8192}

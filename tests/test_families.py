@@ -81,11 +81,18 @@ def test_scaled_rope_changes_positions_beyond_the_original_context(tmp_path):
 
 
 def test_meta_llama3_params_json_reads_the_scaled_rope():
-    p = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32,
+    """Meta's params.json says use_scaled_rope; the factor is 8 for Llama 3.1 (32+ layers) and 32
+    for 3.2 1B/3B, so a smaller model without an explicit factor is refused, not guessed."""
+    p = {"dim": 64, "n_layers": 32, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32,
          "rope_theta": 500000.0, "use_scaled_rope": True}
     a = checkpoints.args_from_params_json(p, vocab_size=128256)
     assert a.rope_scaling == {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    small = {**p, "n_layers": 16}
+    with pytest.raises(ValueError, match="rope_scaling_factor"):
+        checkpoints.args_from_params_json(small, vocab_size=128256)
+    assert checkpoints.args_from_params_json({**small, "rope_scaling_factor": 32.0},
+                                             128256).rope_scaling["factor"] == 32.0
 
 
 def refused(folder, cfg, words):
