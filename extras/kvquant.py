@@ -85,6 +85,9 @@ class KVQuantizer(nn.Module):
 def attach(model, bits, fmt="int", granularity="tensor", quantizers=None):
     """A K and a V quantizer in every attention layer; returns them, kv[layer]["k" / "v"]. `quantizers`: the
     activation quantizers, whose tied wo scale (deployable) folds into wv and so comes before the V grid."""
+    if fmt not in FORMATS or granularity not in GRANULARITIES:
+        raise ValueError(f"KV cache format {fmt!r} / granularity {granularity!r}: choose from "
+                         f"{FORMATS} / {GRANULARITIES}")
     kv = nn.ModuleList()
     for i, layer in enumerate(model.layers):
         at = layer.attention
