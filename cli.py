@@ -17,6 +17,11 @@ MINIMUM = {"steps": 1, "batch_size": 1, "calib_windows": 1, "heldout": 1, "save_
 POSITIVE = ("lr", "trunc_mult")      # floats that must be > 0 (and finite)
 
 
+def grid(text: str):
+    """argparse type of --wbits / --abits: a bit width, or fp8 (float8-e4m3)."""
+    return "fp8" if text.lower() == "fp8" else int(text)
+
+
 def check_args(parser, a):
     """Reject bad command lines before any loading: one line on stderr, exit status 2."""
     def error(msg):
@@ -32,8 +37,8 @@ def check_args(parser, a):
         error(f"--device {device}: only cpu and cuda are supported")
     for name in ("wbits", "abits"):
         bits = getattr(a, name, None)
-        if bits is not None and bits not in sasq.BITS:
-            error(f"--{name} must be in 2..8, got {bits}")
+        if bits is not None and bits not in sasq.GRIDS:
+            error(f"--{name} must be 2..8 or fp8, got {bits}")
     for name, least in MINIMUM.items():
         v = getattr(a, name, None)
         if v is not None and v < least:
@@ -115,6 +120,20 @@ def run_main(main):
 
 
 # -------------------------------------------------------------------- a training run that survives
+
+def report(a, fp_ppl, ptq_ppl, sasq_ppl, losses, harness, comm=None):
+    """The end of a train.py run: held-out perplexities, time, the loss's first and last steps."""
+    print(f"held-out perplexity ({a.heldout} windows of {a.seq_len}): fp {fp_ppl:.3f} | "
+          f"PTQ init {ptq_ppl:.3f} | SASQ {sasq_ppl:.3f}")
+    k = max(1, len(losses) // 10)    # per-batch losses are noisy: compare the first and last tenth
+    first = (f" (first step {harness.first:.1f} s)" if harness.first
+             else " (all done before --resume)")
+    print(f"trained {a.steps} steps in {harness.seconds():.1f} s{first}; training loss ({a.loss}), "
+          f"first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
+    if sasq_ppl > ptq_ppl and not (comm and comm.rank):
+        print(f"warning: training made the held-out perplexity worse than its PTQ init "
+              f"({sasq_ppl:.3f} > {ptq_ppl:.3f}); check --lr and --steps", file=sys.stderr)
+
 
 class Stopped(Exception):
     """Training ended early on a signal; the message says why, and where the state is."""
@@ -217,6 +236,29 @@ class Harness:
         """Training time so far, the part before --resume included."""
         import time
         return self.before + (time.time() - self.t0 if self.t0 else 0.0)
+
+    def save_finished(self, out, save):
+        """Write the scales of a finished run with save(out). If that fails, the state (written
+        after the last step) lets --resume write them; if the state failed too, the scales go to
+        the temporary folder. Returns where they went."""
+        from safetensors import SafetensorError
+        try:
+            save(out)
+        except (OSError, SafetensorError) as e:
+            why = " ".join(str(e).split())[:120]
+            if not self.state_error and self.path and os.path.exists(self.path):
+                raise SystemExit(f"error: cannot write {out} ({why}); the trained state is in "
+                                 f"{self.path}: make room and run the same command with --resume "
+                                 "to write the scales")
+            import tempfile
+            out = os.path.join(tempfile.mkdtemp(prefix="sasq-"), os.path.basename(out))
+            save(out)
+            raise SystemExit(f"error: cannot write the scales or the state beside --out ({why}); "
+                             f"the scales were saved to {out} instead")
+        if self.path and os.path.exists(self.path):
+            os.remove(self.path)
+        print(f"scales saved to {out}")
+        return out
 
 
 class StopOnSignal:

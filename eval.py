@@ -8,9 +8,10 @@ windows.
 
 Modes: fp; w8 (weights only); dynamic (W8A8, per-token absmax at run time); static-tensor (one
 static scale per tensor, the max over calibration); static-channel (per-channel static scales after
-PTQ initialisation only); smoothquant / smoothquant-static (SmoothQuant's fold with --alpha, then
-dynamic per-token or static per-tensor activations); quarot (QuaRot-style rotation, dynamic
-per-token RTN with clip 0.9); one SASQ row per --scales file (train.py; a --rotate file rotates the
+PTQ initialisation only); smoothquant / smoothquant-static / smoothquant-w (SmoothQuant's fold with
+--alpha, then dynamic per-token, static per-tensor or float activations); quarot (QuaRot-style
+rotation, dynamic per-token RTN with clip 0.9); --wbits fp8 --abits fp8: the same rows on the FP8
+(e4m3) grid; one SASQ row per --scales file (train.py; a --rotate file rotates the
 model first); one row per --hf folder, run by transformers (export.py's output, or any HF /
 compressed-tensors checkpoint). --greedy N: N prompts of 64 tokens cut from the first test text, 64
 greedy tokens each; per mode, the share of next tokens equal to fp's (teacher-forced on fp's
@@ -60,6 +61,7 @@ BASELINES = {
     "smoothquant": (DYNAMIC, None, "W{w}A{a} SmoothQuant a={alpha} dynamic per-token", "smooth"),
     "smoothquant-static": (TENSOR, "max", "W{w}A{a} SmoothQuant a={alpha} static per-tensor (max)",
                            "smooth"),
+    "smoothquant-w": (W_ONLY, None, "W{w} SmoothQuant a={alpha} weights only", "smooth"),
     "quarot": (QUAROT, None, "W{w}A{a} QuaRot-RTN (rotation, dynamic per-token, clip 0.9)",
                "rotate"),
 }
@@ -76,9 +78,10 @@ def parse_args(argv=None):
     add("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (paper 0.5; "
         "llm-compressor uses 0.8 for LLaMA)")
     add("--scales", action="append", default=[], help="SASQ scales file(s) from train.py")
-    add("--wbits", type=int, default=8, help="weight bits of the baseline rows (default 8; a "
-        "scales file's row uses its own)")
-    add("--abits", type=int, default=8, help="activation bits of the baseline rows (default 8)")
+    add("--wbits", type=cli.grid, default=8, help="weight bits of the baseline rows, or fp8 "
+        "(default 8; a scales file's row uses its own)")
+    add("--abits", type=cli.grid, default=8, help="activation bits of the baseline rows, or fp8 "
+        "(default 8)")
     add("--calib", default=data.CALIB, help="PTQ calibration text for the static baselines")
     add("--calib-windows", type=int, default=16, help="as train.py's PTQ initialisation")
     add("--init", choices=("mean", "max"), default=sasq.INIT, help="static-channel's PTQ init, as "
@@ -240,7 +243,7 @@ def attach_mode(model, tok, mode, a):
             kvquant.calibrate(model, kv, calib_windows(tok, a), batch_size=4)
         recipe = (" deployable" if cfg.tied_wo and not cfg.truncation else
                   "" if cfg.truncation else " no truncation")
-        label = (f"SASQ W{cfg.wbits}A{cfg.abits}{recipe}"
+        label = (named_grid(f"SASQ W{cfg.wbits}A{cfg.abits}{recipe}")
                  + (" + rotation" if rotate is not None else "")
                  + (" decode dynamic" if a.decode == "dynamic" else "")
                  + (f" {kv_label(kv_cfg, kv_how)}" if kv else "")
@@ -264,7 +267,13 @@ def attach_mode(model, tok, mode, a):
     if init is not None:
         sasq.calibrate(model, qs, calib_windows(tok, a), batch_size=4, method=init)
     sasq.freeze(model)
-    return model, label.format(w=a.wbits, a=a.abits, alpha=a.alpha, init=init), cfg.wbits, cfg.abits
+    label = label.format(w=a.wbits, a=a.abits, alpha=a.alpha, init=init)
+    return model, named_grid(label), cfg.wbits, cfg.abits
+
+
+def named_grid(label):
+    """W8A8 FP8 for Wfp8Afp8, W8 FP8 for Wfp8 (the grids' names in a row's label)."""
+    return label.replace("Wfp8Afp8", "W8A8 FP8").replace("Wfp8", "W8 FP8").replace("Afp8", "A8 FP8")
 
 
 def has_kv(path) -> bool:

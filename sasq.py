@@ -2,7 +2,7 @@
 arXiv 2512.14481).
 
 Read top to bottom, this file is the method:
-  1. the rounding straight-through estimator and the integer grid;
+  1. the rounding straight-through estimator and the grids: integers, or float8-e4m3 (FP8);
   2. a quantization point (ActQuantizer): soft truncation c*tanh(x/c), then static codes round(x/s);
   3. QuantLinear: the per-input-channel scale folded into the weight, so that the fake-quant graph
      is exactly an int8 x int8 GEMM with one float scale per output column;
@@ -32,32 +32,36 @@ import torch.nn.functional as F
 # ------------------------------------------------------------------------ 1. rounding and the grid
 
 class RoundSTE(torch.autograd.Function):
-    """Forward: round to nearest (ties to even). Backward: identity, d round(v)/dv := 1
-    (the straight-through estimator)."""
+    """Forward: round to the nearest grid value (ties to even): an integer, or with fp8 the nearest
+    float8-e4m3 number. Backward: identity, d round(v)/dv := 1 (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, v):
-        return torch.round(v)
+    def forward(ctx, v, fp8=False):
+        return v.to(torch.float8_e4m3fn).to(v.dtype) if fp8 else torch.round(v)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
-BITS = range(2, 9)      # the bit widths a quantizer takes
+GRIDS = (2, 3, 4, 5, 6, 7, 8, "fp8")   # integer bit widths, or "fp8": e4m3, 3 mantissa bits
 
 
-def qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
+def qmax(bits) -> float:
+    """The grid's largest value: 2^(bits-1) - 1, or 448 for float8-e4m3."""
+    return 448.0 if bits == "fp8" else 2 ** (bits - 1) - 1
 
 
-def quantize(x, scale, bits: int):
-    """Integer codes clamp(round(x / s), -qmax-1, qmax), held in a float tensor.
+def quantize(x, scale, bits):
+    """Codes clamp(round(x / s), -qmax-1, qmax) held in a float tensor; for FP8 the nearest e4m3
+    number to x / s clamped to +-448 first (the cast's overflow is not defined everywhere).
 
     round passes the gradient straight through; clamp passes it only inside the range. Hence, with
-    x_hat = s * codes, autograd yields LSQ's d x_hat / d s = round(x/s) - x/s inside, and -qmax-1 or
-    qmax outside, without a hand-written backward.
+    x_hat = s * codes, autograd yields LSQ's d x_hat / d s = round(x/s) - x/s inside, and the
+    bound outside, without a hand-written backward.
     """
+    if bits == "fp8":
+        return RoundSTE.apply((x / scale).clamp(-448.0, 448.0), True)
     return RoundSTE.apply(x / scale).clamp(-qmax(bits) - 1, qmax(bits))
 
 
@@ -76,15 +80,15 @@ def quantize_weight(w, bits):
     if bits is None:
         return w, None
     sw = w.abs().amax(dim=1).clamp(min=1e-12) / qmax(bits)      # (out,)
-    return RoundSTE.apply(w / sw[:, None]), sw                 # |w / sw| <= qmax: no clamp needed
+    return RoundSTE.apply(w / sw[:, None], bits == "fp8"), sw  # |w / sw| <= qmax: no clamp
 
 
 # ------------------------------------------------------------------------- 2. a quantization point
 
 @dataclass
 class QuantConfig:
-    wbits: int | None = 8          # None: weights stay float
-    abits: int | None = 8          # None: activations stay float (the "W8 only" baseline)
+    wbits: int | str | None = 8    # a GRIDS entry (8, or "fp8"); None: weights stay float
+    abits: int | str | None = 8    # None: activations stay float (the "W8 only" baseline)
     act: str = "static"            # static (SASQ, PTQ) | dynamic (per-token absmax at run time)
     per_channel: bool = True       # static scales per input channel, or one per tensor
     truncation: bool = True        # learnable c * tanh(x / c) at the attention and FFN inputs
@@ -94,19 +98,22 @@ class QuantConfig:
     rotate: int | None = None      # the seed of a rotation applied first (extras/baselines.py)
     w2_tensor: bool = False        # one static scale for the w2 input (deployable + rotated: an
                                    # online Hadamard before w2 keeps a scale from folding into w3)
+    smooth: float | None = None    # PTQ init split SmoothQuant's way with this alpha (smooth())
 
     def __post_init__(self):
         for b in (self.wbits, self.abits):
-            if b is not None and b not in BITS:
-                raise ValueError(f"bits must be in 2..8, got {b}")
+            if b is not None and b not in GRIDS:
+                raise ValueError(f"bits must be 2..8 or 'fp8', got {b!r}")
         if self.act not in ("static", "dynamic"):
             raise ValueError(f"act must be 'static' or 'dynamic', got {self.act!r}")
 
 
-# the named recipes: the paper's (soft truncation, scales per channel), and the one an engine can
-# load, whose every scale folds into the weights (no truncation; wo scales tied per GQA group)
+# the named recipes: the paper's (soft truncation, scales per channel); the one an engine can load,
+# whose every scale folds into the weights (no truncation; wo scales tied per GQA group); the same
+# on the FP8 grid, weights and activations (what Hopper GPUs serve)
 RECIPES = {"paper": QuantConfig(),
-           "deployable": QuantConfig(truncation=False, tied_wo=True)}
+           "deployable": QuantConfig(truncation=False, tied_wo=True),
+           "fp8": QuantConfig(wbits="fp8", abits="fp8", truncation=False, tied_wo=True, smooth=0.5)}
 
 
 class ActQuantizer(nn.Module):
@@ -328,7 +335,28 @@ def init_scales(quantizers, stats, method=INIT, trunc_mult=4.0):
         q.log_scale.copy_((init.clamp(min=1e-6) / qmax(q.bits or 8)).log())
 
 
-def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0, progress=True):
+def calibrate(model, quantizers, wins, batch_size=1, method=INIT, trunc_mult=4.0, progress=True,
+              alpha=None):
     """PTQ initialisation: observe the float model on calibration windows, set the scales from what
-    it saw."""
+    it saw; with alpha, split them SmoothQuant's way."""
     init_scales(quantizers, observe(model, wins, batch_size, progress), method, trunc_mult)
+    if alpha is not None:
+        smooth(model, quantizers, alpha)
+
+
+@torch.no_grad()
+def smooth(model, quantizers, alpha):
+    """Re-split calibrated per-channel scales as SmoothQuant does (Xiao et al. 2023): s_j ~
+    a_j^alpha / w_j^(1-alpha) (a_j: calibrated absmax, w_j: the readers' max |W| in column j), the
+    largest a_j / s_j on the grid's max. FP8's init: its step is relative; the scales balance."""
+    for i, point, parent, names in points(model):
+        q = quantizers[i][point]
+        if q.log_scale.numel() == 1:
+            continue
+        w = torch.stack([getattr(parent, n).linear.weight.abs().amax(0) for n in names]).amax(0)
+        if q.groups is not None:                   # tied wo: the max over a kv channel's heads
+            n_kv, n_rep, hd = q.groups
+            w = w.view(n_kv, n_rep, hd).amax(1).flatten()
+        a = q.log_scale.exp() * qmax(q.bits)
+        m = a.pow(alpha) / w.float().clamp(min=1e-6).pow(1 - alpha)
+        q.log_scale.copy_((m * (a / m).amax() / qmax(q.bits)).log())

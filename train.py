@@ -110,8 +110,10 @@ def heldout_ppl(model, held, a, comm=None):
 
 
 def quant_config(a) -> sasq.QuantConfig:
-    cfg = sasq.RECIPES["deployable" if a.deployable else "paper"]
-    return dataclasses.replace(cfg, wbits=a.wbits, abits=a.abits,
+    cfg = sasq.RECIPES["fp8" if a.fp8 else "deployable" if a.deployable else "paper"]
+    return dataclasses.replace(cfg, wbits=cfg.wbits if a.fp8 else a.wbits,
+                               abits=cfg.abits if a.fp8 else a.abits,
+                               smooth=cfg.smooth if a.alpha is None else a.alpha,
                                truncation=cfg.truncation and not a.no_truncation,
                                rotate=a.seed if a.rotate else None,
                                w2_tensor=a.deployable and a.rotate)
@@ -125,83 +127,42 @@ def recipe(a, model, train_wins, calib_wins, held, base_fp, comm=None):
     fp_ppl = data.perplexity(model, held, a.batch_size, a.device, progress=not quiet)
     quantizers = sasq.attach(model, cfg)
     calibrate = comm.calibrate if comm else sasq.calibrate
-    calibrate(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult, progress=not quiet)
-    trained, kv = quantizers, None
+    calibrate(model, quantizers, calib_wins, a.batch_size, a.init, a.trunc_mult, not quiet,
+              cfg.smooth)
+    trained, kv_tensors = quantizers, lambda: None
     if a.kv_bits:                 # the KV cache's scales: PTQ-initialised, trained with the others
         from extras import kvquant
         kv = kvquant.attach(model, a.kv_bits, a.kv_format, a.kv_granularity, quantizers)
         kvquant.calibrate(model, kv, calib_wins, a.batch_size, progress=not quiet)
         trained = torch.nn.ModuleDict({"act": quantizers, "kv": kv})
+        kv_tensors = lambda: kvquant.to_save(kv)  # noqa: E731
     ptq_ppl = heldout_ppl(model, held, a, comm)
     if a.device.startswith("cuda") and not a.no_compile and not comm:
         model.compile_blocks()         # identical blocks share one compiled graph
     record = run_record(a, fingerprint, cfg, comm)
     harness = cli.Harness(a.out + ".state.pt", a.save_every, a.resume, record, comm, not quiet)
-    save = lambda extra: None if quiet else checkpoints.save_scales(  # noqa: E731
-        a.out, model, quantizers, cfg, extra=extra, force=a.force, fingerprint_=fingerprint,
-        more=kv_tensors(kv))
+    save = lambda out, extra=None: None if quiet else checkpoints.save_scales(  # noqa: E731
+        out, model, quantizers, cfg, extra=extra, force=a.force, fingerprint_=fingerprint,
+        more=kv_tensors())
     try:
         losses = train_scales(model, trained, train_wins, a.steps, a.batch_size, a.lr, a.seed,
                               a.device, a.loss, harness)
     except cli.NonFinite as e:
         if e.kept is None:
             raise SystemExit(f"error: {e}; nothing saved")
-        save({"stopped": str(e)})
+        save(a.out, {"stopped": str(e)})
         raise SystemExit(f"error: {e}; those scales saved to {a.out}")
     except cli.Stopped as e:
         raise SystemExit(f"stopped: {e}")
     sasq_ppl = heldout_ppl(model, held, a, comm)
-    report(a, fp_ppl, ptq_ppl, sasq_ppl, losses, harness, comm)
+    cli.report(a, fp_ppl, ptq_ppl, sasq_ppl, losses, harness, comm)
     if quiet:                          # the scales are identical on every rank
         return
     tokens = a.steps * a.batch_size * (comm.world if comm else 1) * (a.seq_len - 1)
     extra = {"steps": a.steps, "tokens": tokens, "seconds": harness.seconds(), "loss": a.loss,
              "calib": " + ".join(a.calib), "ppl_fp": fp_ppl, "ppl_sasq": sasq_ppl,
              "base_fingerprint": base_fp, "dtype": str(next(model.parameters()).dtype)[6:]}
-    save_finished(a, save, extra, harness)
-
-
-def kv_tensors(kv):
-    if kv is None:
-        return None
-    from extras import kvquant
-    return kvquant.to_save(kv)
-
-
-def report(a, fp_ppl, ptq_ppl, sasq_ppl, losses, harness, comm=None):
-    print(f"held-out perplexity ({a.heldout} windows of {a.seq_len}): fp {fp_ppl:.3f} | "
-          f"PTQ init {ptq_ppl:.3f} | SASQ {sasq_ppl:.3f}")
-    k = max(1, len(losses) // 10)    # per-batch losses are noisy: compare the first and last tenth
-    first = (f" (first step {harness.first:.1f} s)" if harness.first
-             else " (all done before --resume)")
-    print(f"trained {a.steps} steps in {harness.seconds():.1f} s{first}; training loss ({a.loss}), "
-          f"first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
-    if sasq_ppl > ptq_ppl and not (comm and comm.rank):
-        print(f"warning: training made the held-out perplexity worse than its PTQ init "
-              f"({sasq_ppl:.3f} > {ptq_ppl:.3f}); check --lr and --steps", file=sys.stderr)
-
-
-def save_finished(a, save, extra, harness):
-    """Write the scales of a finished run. If that fails, the state (written after the last step)
-    lets --resume write them; if the state failed too, the scales go to the temporary folder."""
-    from safetensors import SafetensorError
-    state = a.out + ".state.pt"
-    try:
-        save(extra)
-    except (OSError, SafetensorError) as e:
-        why = " ".join(str(e).split())[:120]
-        if not harness.state_error and os.path.exists(state):
-            raise SystemExit(f"error: cannot write {a.out} ({why}); the trained state is in "
-                             f"{state}: make room and run the same command with --resume to write "
-                             "the scales")
-        import tempfile
-        a.out = os.path.join(tempfile.mkdtemp(prefix="sasq-"), os.path.basename(a.out))
-        save(extra)
-        raise SystemExit(f"error: cannot write the scales or the state beside --out ({why}); the "
-                         f"scales were saved to {a.out} instead")
-    if os.path.exists(state):
-        os.remove(state)
-    print(f"scales saved to {a.out}")
+    a.out = harness.save_finished(a.out, lambda out: save(out, extra))
 
 
 def run_record(a, fingerprint, cfg, comm=None) -> dict:
@@ -231,9 +192,14 @@ def parse_args(argv=None):
         + " (options given win)")
     add("--out", default="scales.safetensors", help="where the trained scales go")
     add("--force", action="store_true", help="overwrite --out if it exists")
-    add("--wbits", type=int, default=8, help="weight bits, per output channel, RTN (default 8)")
-    add("--abits", type=int, default=8, help="activation bits, static scales (default 8; 6 and 4 "
-        "are the stress tests)")
+    add("--wbits", type=cli.grid, default=8, help="weight bits, per output channel, RTN (default "
+        "8)")
+    add("--abits", type=cli.grid, default=8, help="activation bits, static scales (default 8; 6 "
+        "and 4 are the stress tests)")
+    add("--fp8", action="store_true", help="sasq.RECIPES['fp8']: the deployable recipe on the "
+        "FP8 (e4m3) grid, weights and activations")
+    add("--alpha", type=float, default=None, help="split the PTQ init's per-channel scales "
+        "SmoothQuant's way with this alpha (sasq.smooth; default: 0.5 with --fp8, none otherwise)")
     add("--no-truncation", action="store_true", help="ablation: no c*tanh(x/c) truncation")
     add("--deployable", action="store_true", help="sasq.RECIPES['deployable']: what "
         "extras/export.py folds into a standard static W8A8 checkpoint")
@@ -295,6 +261,10 @@ def check_args(p, a, argv):
             data.parse_self(spec)
         except data.DataError as e:
             error(str(e))
+    if a.alpha is not None and not 0 <= a.alpha <= 1:
+        error(f"--alpha must be in 0..1, got {a.alpha}")
+    if a.fp8 and (a.wbits, a.abits) != (8, 8):
+        error("--fp8 sets the weights and activations to FP8; drop --wbits / --abits")
     if data.is_self(a.calib[0]):
         error(f"--calib {a.calib[0]}: held-out windows come from the first --calib; put a text "
               "first")

@@ -20,6 +20,8 @@ Sections (each prints a table; --out gets bench-SECTION.json):
   load    write a 7B-sized Hugging Face safetensors folder, time checkpoints.load_model on it (--tokenizer needed)
   kv      decode with a long KV cache (4k, 16k, 32k tokens; batch 1 and 8), static fused INT8 weights:
           bf16 cache (PyTorch's attention, and our kernel) against int8 and fp8 codes (kvcache.py)
+  fp8     FP8 (e4m3) GEMMs through torch._scaled_mm (fp8.py): static per-tensor activation scales vs
+          dynamic per-token vs bf16, the whole model, prefill and decode; logits against the FP8 fake-quant
   sweep   (not in the default list) time candidate tiles of our int8 GEMM per 7B shape and M bucket;
           writes int8_configs.json to --out: the table int8.py reads (copy it next to int8.py)
 Where they live: peak, linear and the kernel profiles in bench_kernels.py (with the timers and the
@@ -50,7 +52,7 @@ import model as llama
 import sasq
 from extras.bench_kernels import VARIANTS, build, free, table, timed, use, use_variant, variants, weight_bytes
 
-SECTIONS = ("peak", "linear", "infer", "eval", "train", "load", "kv", "sweep")
+SECTIONS = ("peak", "linear", "infer", "eval", "train", "load", "kv", "fp8", "sweep")
 DEFAULT = SECTIONS[:-1]
 
 
@@ -290,6 +292,61 @@ def sec_load(a, dev, args, results):
                  "loading a HF safetensors checkpoint")
 
 
+def sec_fp8(a, dev, args, results):
+    """FP8 (e4m3) GEMMs through torch._scaled_mm (fp8.py): static per-tensor activation scales (the
+    quantization fused into the producer by torch.compile) vs dynamic per-token vs bf16, the whole model,
+    prefill and one decode step; and the static layers' logits against the FP8 fake-quant."""
+    from extras import fp8
+    gpu = dev == "cuda"
+    m = build(args, dev)
+    bf16 = [getattr(p, n) for p, n in kern.linears(m)]
+    qs = sasq.attach(m, sasq.RECIPES["fp8"])
+    sasq.calibrate(m, qs, torch.randint(args.vocab_size, (2, 512 if gpu else 32), device=dev), progress=False,
+                   alpha=0.5)
+    sasq.freeze(m)
+    fake, shared = [getattr(p, n) for p, n in kern.linears(m)], {}
+    V = {"bf16": bf16, "dynamic fp8": [fp8.DynamicFp8Linear(q.linear) for q in fake],
+         "static fp8": [fp8.Fp8Linear(q, shared) for q in fake]}
+    x = torch.randint(args.vocab_size, (1, 512 if gpu else 32), device=dev)
+    with torch.no_grad():
+        ref = m(x)[0].float()
+        rows = []
+        for v in V:
+            use(m, V[v])
+            rows.append({"compare": f"{v} vs fake-quant static FP8, logits", **compare(ref, m(x)[0].float())})
+    out = {"logits": table(rows, ["compare", "max |d| / std", "mean |d| / std", "top-1 agree"],
+                           f"FP8 GEMMs vs fake-quant on {x.shape[1]} random tokens")}
+    for q in fake:
+        q.frozen = None                               # drop the fake-quant weight-code cache
+    free()
+    if gpu:
+        m.compile_blocks()
+    seq, ctx, batches = (2048, 512, (1, 8, 32, 64)) if gpu else (64, 32, (1, 4))
+
+    def rows_of(inputs, **kw):
+        rows = []
+        with torch.no_grad():
+            for tok in inputs:
+                r = {"batch": tok.shape[0], "tokens": tok.numel()}
+                for v in V:
+                    use(m, V[v])
+                    r[v] = timed(lambda: m(tok, **kw), a.reps if tok.shape[1] == 1 else max(2, a.reps // 5))
+                r["static/dyn"], r["static/bf16"] = r["dynamic fp8"] / r["static fp8"], r["bf16"] / r["static fp8"]
+                rows.append(r)
+                free()
+        return rows
+    cols = ["batch", "tokens", *V, "static/dyn", "static/bf16"]
+    prefill = [torch.randint(args.vocab_size, (b, seq), device=dev) for b in batches[:2]]
+    out["prefill"] = table(rows_of(prefill), cols, f"FP8 prefill, ms per forward (seq {seq}){a.run_label}")
+    m.setup_cache(max(batches), ctx + 1)
+    decode = [torch.randint(args.vocab_size, (b, 1), device=dev) for b in batches]
+    out["decode"] = table(rows_of(decode, pos=ctx), cols,
+                          f"FP8 decode, ms per step ({ctx} tokens in the KV cache){a.run_label}")
+    m.setup_cache(0, 0)
+    use(m, bf16)
+    return out
+
+
 # 8B-class shapes people serve (their published configs): GQA, a large vocabulary, Qwen2's biases
 SHAPES = {"llama-2-7b": {},
           "llama-3.1-8b": dict(n_kv_heads=8, vocab_size=128256, hidden_dim=14336, rope_theta=500000.0),
@@ -347,7 +404,7 @@ def main(argv=None):
     print(f"device {device_name}, torch {torch.__version__}, int8 back end {int8.BACKEND if dev == 'cuda' else 'torch'}")
     results = {}
     run = {"linear": kern.sec_linear, "infer": sec_infer, "eval": sec_eval, "train": bench_train.sec_train, "load": sec_load,
-           "kv": sec_kv, "sweep": kern.sec_sweep}
+           "kv": sec_kv, "fp8": sec_fp8, "sweep": kern.sec_sweep}
     for i, s in ((i, s) for i in range(a.repeat) for s in sections):
         a.run_label = f" (run {i + 1} of {a.repeat})"
         t0 = time.perf_counter()

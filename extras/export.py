@@ -96,23 +96,27 @@ def hf_config_llama(a: llama.ModelArgs, tok, dtype) -> dict:
             "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "torch_dtype": str(dtype).split(".")[-1]}
 
 
-# compressed-tensors: int8 weights per output channel, int8 activations per tensor, both static, symmetric
-QUANTIZATION_CONFIG = {
-    "quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
-    "config_groups": {"group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
-        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
-                              "dynamic": False}}},
-    "ignore": ["lm_head"]}
+def quantization_config(grid) -> dict:
+    """compressed-tensors: 8-bit weights per output channel, 8-bit activations per tensor, both static and
+    symmetric; int8 ("int-quantized") or float8-e4m3 ("float-quantized", grid "fp8")."""
+    kind = {"num_bits": 8, "type": "float" if grid == "fp8" else "int", "symmetric": True, "dynamic": False}
+    return {"quant_method": "compressed-tensors", "quantization_status": "compressed",
+            "format": "float-quantized" if grid == "fp8" else "int-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {**kind, "strategy": "channel"},
+                                          "input_activations": {**kind, "strategy": "tensor"}}},
+            "ignore": ["lm_head"]}
+
+
+CODES = {8: torch.int8, "fp8": torch.float8_e4m3fn}      # the dtype the weight codes are stored in
 
 
 # --------------------------------------------------------------------------- folding
 
 def check_foldable(cfg: sasq.QuantConfig, a: llama.ModelArgs):
     """Refuse, in one line, scales that no per-tensor static W8A8 engine format can hold."""
-    if cfg.act != "static" or cfg.wbits != 8 or cfg.abits != 8:
-        raise checkpoints.ScalesError(f"export writes static W8A8; these scales are W{cfg.wbits}A{cfg.abits} {cfg.act}")
+    if cfg.act != "static" or cfg.wbits not in CODES or cfg.abits != cfg.wbits:
+        raise checkpoints.ScalesError(f"export writes static W8A8 (int8 or fp8); these scales are "
+                                      f"W{cfg.wbits}A{cfg.abits} {cfg.act}")
     if cfg.truncation:
         raise checkpoints.ScalesError("these scales were trained with c*tanh(x/c) truncation, which no engine format "
                                "holds; train them with train.py --deployable")
@@ -126,7 +130,7 @@ def check_foldable(cfg: sasq.QuantConfig, a: llama.ModelArgs):
 
 @torch.no_grad()
 def folded_state(model, quantizers) -> dict:
-    """Meta-named tensors of the deployable model: int8 codes, weight_scale (out, 1), input_scale (1,) = 1
+    """Meta-named tensors of the deployable model: int8 (fp8) codes, weight_scale (out, 1), input_scale (1,) = 1
     for every decoder linear; norm gains divided by the input scales; wv/w3 row scales divided by s_wo/s_w2."""
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.")}
     for i, (layer, qs) in enumerate(zip(model.layers, quantizers)):
@@ -152,7 +156,7 @@ def folded_state(model, quantizers) -> dict:
                     sd[name + "weight"] = codes / torch.as_tensor(row_div.get(n, 1.0))[..., None]
                     continue
                 s = in_scale.get(n, torch.ones(1)).float()
-                sd[name + "weight"] = codes.to(torch.int8)
+                sd[name + "weight"] = codes.to(CODES[linear.wbits])
                 sd[name + "weight_scale"] = (sw.float() / row_div.get(n, 1.0) / s)[:, None]
                 sd[name + "input_scale"] = s.reshape(1)
     return sd
@@ -290,12 +294,13 @@ def export(model, tok, out, quantizers=None, dtype=torch.bfloat16, force=False, 
         sd = folded_state(model, quantizers)
     if a.tie_embeddings:
         sd.pop("output.weight", None)
-    # float weights and norm gains in the model dtype; int8 codes and the fp32 scales stay as they are
-    sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("_scale") else v for k, v in sd.items()}
+    # float weights and norm gains in the model dtype; int8 / fp8 codes and the fp32 scales stay as they are
+    keep = lambda k, v: k.endswith("_scale") or v.dtype in CODES.values() or not v.is_floating_point()  # noqa: E731
+    sd = {k: v if keep(k, v) else v.to(dtype) for k, v in sd.items()}
     config = hf_config(a, tok, dtype)
     hf = to_hf(sd, a)
     if quantizers is not None:
-        config["quantization_config"] = dict(QUANTIZATION_CONFIG)
+        config["quantization_config"] = quantization_config(sasq.quant_linears(model)[0].wbits)
         transform = w2_transform(model)
         if transform:
             config["quantization_config"]["transform_config"] = TRANSFORM_CONFIG
@@ -352,7 +357,8 @@ def main(argv=None):
         quantizers, _ = checkpoints.load_scales(a.scales, model)
         kv, _ = kvquant.load(a.scales, model, quantizers)
     export(model, tok, a.out, quantizers, dtype, a.force, kv)
-    kind = ("SASQ static W8A8" + (f" + static KV{kv_cfg['bits']} {kv_cfg['format']}" if kv_cfg else "") +
+    fp8 = a.scales and checkpoints.read_scales_config(a.scales).wbits == "fp8"
+    kind = (f"SASQ static {'FP8' if fp8 else 'W8A8'}" + (f" + static KV{kv_cfg['bits']} {kv_cfg['format']}" if kv_cfg else "") +
             " (compressed-tensors)") if a.scales else f"plain {a.dtype}"
     print(f"wrote {kind} Hugging Face folder {a.out}")
 

@@ -62,7 +62,7 @@ class Comm:
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p))
 
-    def calibrate(self, model, quantizers, wins, batch_size, method, trunc_mult, progress=True):
+    def calibrate(self, model, quantizers, wins, batch_size, method, trunc_mult, progress=True, alpha=None):
         """sasq.calibrate over world x batch_size windows a batch: each rank observes its slice of every
         batch (a trailing partial batch is dropped), and a MAX all-reduce of the per-batch rows gives the
         rows one process records, so the init is exactly one process's."""
@@ -147,10 +147,10 @@ def main(argv=None):
     if "RANK" not in os.environ:
         raise ValueError("extras.fsdp runs under torchrun (torchrun --nproc-per-node N -m extras.fsdp "
                          "...); one process: train.py")
-    if a.rotate or a.kv_bits:          # a usage error, explained by rank 0 alone
+    if a.rotate or a.kv_bits or train.quant_config(a).smooth is not None:   # a usage error, from rank 0
         if os.environ.get("RANK", "0") == "0":
-            print("extras.fsdp: error: --rotate and --kv-bits are not supported under torchrun yet; "
-                  "use one GPU (train.py)", file=sys.stderr)
+            print("extras.fsdp: error: --rotate, --kv-bits, --fp8 and --alpha (sasq.smooth reads whole weights) "
+                  "are not supported under torchrun yet; use one GPU (train.py)", file=sys.stderr)
         sys.exit(2)
     torch.manual_seed(a.seed)
     comm, a.device = setup(a.device)

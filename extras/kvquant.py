@@ -24,23 +24,9 @@ import torch.nn as nn
 import checkpoints
 import sasq
 
-FP8_MAX = 448.0                      # the largest finite float8_e4m3fn
+FP8_MAX = sasq.qmax("fp8")           # 448, the largest finite float8_e4m3fn
 FORMATS = ("int", "fp8")
 GRANULARITIES = ("tensor", "head", "token")     # token: the dynamic baseline, a scale per token and head
-
-
-class FP8STE(torch.autograd.Function):
-    """Forward: round to the nearest float8-e4m3 value. Backward: identity (straight-through, as RoundSTE).
-    The clamp to +-448 stays outside, in autograd, as the int grid's does: clipped values then pull the
-    scale up (LSQ's gradient); an identity through the clamp pulled it down and the scale collapsed."""
-
-    @staticmethod
-    def forward(ctx, v):
-        return v.to(torch.float8_e4m3fn).to(v.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
 
 class KVQuantizer(nn.Module):
@@ -53,12 +39,13 @@ class KVQuantizer(nn.Module):
         if fmt == "fp8" and bits != 8:
             raise ValueError("--kv-format fp8 is 8 bits")
         self.bits, self.fmt, self.granularity, self.shape = bits, fmt, granularity, (n_kv, head_dim)
+        self.grid = "fp8" if fmt == "fp8" else bits        # sasq's grid: the one the activations use
         self.log_scale = nn.Parameter(torch.zeros(n_kv if granularity == "head" else 1)) if granularity != "token" else None
         object.__setattr__(self, "pre", pre)    # not a submodule: it belongs to the activation quantizers
         self.bypass = False
 
     def grid_max(self):
-        return FP8_MAX if self.fmt == "fp8" else sasq.qmax(self.bits)
+        return sasq.qmax(self.grid)
 
     def prepared(self, x):
         """What the grid quantizes: x, or v / s_wo in the deployable model (fp32)."""
@@ -75,8 +62,7 @@ class KVQuantizer(nn.Module):
             s = y.detach().abs().amax(-1, keepdim=True).clamp(min=1e-8) / self.grid_max()
         else:
             s = self.log_scale.exp().view(1, -1, 1, 1)
-        q = FP8STE.apply((y / s).clamp(-FP8_MAX, FP8_MAX)) if self.fmt == "fp8" else sasq.quantize(y, s, self.bits)
-        y = q * s
+        y = sasq.quantize(y, s, self.grid) * s
         if self.pre is not None:
             y = y * self.pre.log_scale.exp().view(1, self.shape[0], 1, self.shape[1])
         return y.to(x.dtype)

@@ -11,7 +11,7 @@ for s in $seeds; do
   python3 train.py --ckpt "$ckpt" --calib "$calib" --calib self:256 --deployable --seed "$s" \
     ${TRAIN:-} --out "$out/seed$s.safetensors" --force > "$out/seed$s.log" 2>&1 & pids+=($!)
 done
-for p in "${pids[@]}"; do wait "$p" || { tail -3 "$out"/seed*.log; exit 1; }; done
+for p in "${pids[@]}"; do wait "$p" || { tail -n 3 "$out"/seed*.log; exit 1; }; done
 python3 eval.py --ckpt "$ckpt" $(for t in $tests; do echo --test "$t"; done) --modes fp,dynamic \
   $(for s in $seeds; do echo --scales "$out/seed$s.safetensors"; done) --json "$out/seeds.json" --force
 python3 runs/spread.py "$out/seeds.json"
