@@ -22,6 +22,7 @@ import socket
 import urllib.parse
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 TEST = "wikitext:wikitext-2-raw-v1:test"
@@ -255,31 +256,88 @@ def parse_self(spec: str) -> int:
     return int(n)
 
 
+class StepCache:
+    """A KV cache for decoding one token a step at a position held on the device (a 0-dim tensor
+    `pos`), so that every step runs the same kernels on the same buffers and a CUDA graph can
+    replay it: K and V are written at `pos`, attention reads the whole cache, later positions
+    masked."""
+
+    def __init__(self, shape, like):
+        self.k, self.v = like.new_zeros(shape), like.new_zeros(shape)
+        self.where = torch.arange(shape[2], device=like.device)
+
+    def attend(self, q, k, v, pos, gqa):
+        self.k.index_copy_(2, pos.view(1), k)
+        self.v.index_copy_(2, pos.view(1), v)
+        mask = (self.where <= pos).view(1, 1, 1, -1)
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask,
+                                              enable_gqa=gqa)
+
+
+def decoder(model, batch: int, length: int, graph: bool):
+    """step(tokens (batch, 1), p) -> the logits (batch, vocab) after tokens placed at position p,
+    over a StepCache of `length` positions. graph: capture the step once as a CUDA graph and replay
+    it (one launch instead of ~20 kernels a layer, which bound the Python loop). The logits are the
+    graph's output buffer: read them before the next step."""
+    model.setup_cache(batch, length, lambda i, shape, like: StepCache(shape, like))
+    device = model.tok_embeddings.weight.device
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.zeros((), dtype=torch.long, device=device)
+
+    def run():
+        return model(tok, pos=pos)[0][:, -1]
+
+    logits, g = None, None
+    if graph:   # warm up on a side stream (as torch.cuda.graphs asks), then capture
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()                   # writes position 0, which the first real step overwrites
+        torch.cuda.current_stream(device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            logits = run()
+
+    def step(tokens, p):
+        tok.copy_(tokens)
+        pos.fill_(p)
+        if g is None:
+            return run()
+        g.replay()
+        return logits
+    return step
+
+
 @torch.no_grad()
 def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch=32, bos_id=None,
-           progress=True):
+           progress=True, graph=None):
     """(n, seq_len) token windows written by `model`: [BOS,] a uniformly random first token,
     `greedy` argmax tokens, then samples from softmax(logits / temperature). Sequences never stop
-    early: an end-of-text token is followed by whatever the model writes next, as in a corpus."""
+    early: an end-of-text token is followed by whatever the model writes next, as in a corpus.
+    Every token goes through one decode step (decoder); graph (default: on a GPU) replays it as a
+    CUDA graph."""
     device = next(model.parameters()).device
+    graph = device.type == "cuda" if graph is None else graph
     gen = torch.Generator(device=device).manual_seed(seed)
-    vocab, out = model.args.vocab_size, []
+    given, out = 1 + (bos_id is not None), []          # [BOS,] the random first token
     for start in tqdm(range(0, n, batch), desc="generate calibration text", disable=not progress):
         B = min(batch, n - start)
-        first = torch.randint(vocab, (B, 1), generator=gen, device=device)
-        tokens = first if bos_id is None else torch.cat([first.new_full((B, 1), bos_id), first], 1)
-        model.setup_cache(B, seq_len)
+        tokens = torch.zeros(B, seq_len, dtype=torch.long, device=device)
+        tokens[:, given - 1] = torch.randint(model.args.vocab_size, (B,), generator=gen,
+                                             device=device)
+        if bos_id is not None:
+            tokens[:, 0] = bos_id
         try:
-            logits = model(tokens)[0][:, -1]                          # (B, vocab)
-            while tokens.shape[1] < seq_len:
-                if tokens.shape[1] - (bos_id is not None) <= greedy:
-                    nxt = logits.argmax(-1, keepdim=True)
+            step = decoder(model, B, seq_len, graph)
+            for p in range(1, seq_len):                 # the token at p from those before it
+                logits = step(tokens[:, p - 1:p], p - 1)
+                if p < given:
+                    continue
+                if p - given < greedy:
+                    tokens[:, p] = logits.argmax(-1)
                 else:
                     probs = torch.softmax(logits.float() / temperature, -1)
-                    nxt = torch.multinomial(probs, 1, generator=gen)  # (B, 1)
-                tokens = torch.cat([tokens, nxt], 1)
-                if tokens.shape[1] < seq_len:
-                    logits = model(nxt, pos=tokens.shape[1] - 1)[0][:, -1]
+                    tokens[:, p] = torch.multinomial(probs, 1, generator=gen)[:, 0]
         finally:
             model.setup_cache(0, 0)
         out.append(tokens.cpu())

@@ -174,12 +174,15 @@ class Transformer(nn.Module):
         targets. With a KV cache (setup_cache), `pos` is the position of tokens[:, 0]: a prompt at
         0, then one token at a time."""
         T, limit = tokens.shape[1], self.args.max_seq_len
-        if pos + T > limit:
+        if torch.is_tensor(pos):   # a 0-dim tensor: one token at a position the GPU holds (a graph)
+            cos, sin = (t.index_select(0, pos.view(1)) for t in (self.rope_cos, self.rope_sin))
+        elif pos + T > limit:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={limit}")
-        if pos and T > 1:
+        elif pos and T > 1:
             raise ValueError("with a KV cache, feed the prompt at pos 0, then one token at a time")
+        else:
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         h = self.tok_embeddings(tokens)
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, pos, use_reentrant=False)

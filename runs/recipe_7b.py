@@ -27,6 +27,18 @@ import train  # noqa: E402
 SHAPES = {"7b": {}, "13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824)}
 
 
+def random_model(shape, seq_len):
+    """A LLaMA-2 shape in bf16 on the GPU with random weights, and a tokenizer stand-in (BOS = 1)."""
+    args = llama.ModelArgs(**SHAPES[shape], max_seq_len=seq_len)
+    with torch.device("meta"):
+        m = llama.Transformer(args).to(torch.bfloat16)
+    m.to_empty(device="cuda").init_rope("cuda")
+    with torch.no_grad():
+        for name, prm in m.named_parameters():
+            prm.fill_(1.0) if name.endswith("norm.weight") else prm.normal_(0, 0.02)
+    return m.eval().requires_grad_(False), types.SimpleNamespace(bos_id=1, add_bos=True)
+
+
 def stage(name, rows, fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -45,15 +57,8 @@ def main():
     p.add_argument("--steps", type=int, default=100, help="training steps (train.py: 100)")
     p.add_argument("--seq-len", type=int, default=2048)
     a = p.parse_args()
-    args = llama.ModelArgs(**SHAPES[a.shape], max_seq_len=a.seq_len)
-    with torch.device("meta"):
-        m = llama.Transformer(args).to(torch.bfloat16)
-    m.to_empty(device="cuda").init_rope("cuda")
-    with torch.no_grad():
-        for name, prm in m.named_parameters():
-            prm.fill_(1.0) if name.endswith("norm.weight") else prm.normal_(0, 0.02)
-    m.eval().requires_grad_(False)
-    tok = types.SimpleNamespace(bos_id=1, add_bos=True)
+    m, tok = random_model(a.shape, a.seq_len)
+    args = m.args
     free = torch.cuda.mem_get_info()[0]
     print(f"{torch.cuda.get_device_name()}: {a.shape}, {free / 2**30:.1f} GiB free after the weights; "
           f"sampler batch {data.sampler_batch(m, a.seq_len)}", flush=True)

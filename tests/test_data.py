@@ -37,6 +37,28 @@ def test_self_generated_windows_start_with_bos(tiny_model):
     assert (w[:, 0] == 1).all() and torch.equal(w[:, 2:5], tiny_model(w[:, :-1])[0].argmax(-1)[:, 1:4])
 
 
+def test_decode_steps_equal_the_full_forward(tiny_model):
+    """The sampler's step (one token at a device-held position, the whole cache read under a mask)
+    gives the logits of one forward over the sequence, at every position (GQA model)."""
+    x = torch.randint(64, (3, 20), generator=torch.Generator().manual_seed(0))
+    full = tiny_model(x)[0]
+    step = data.decoder(tiny_model, 3, 20, graph=False)
+    try:
+        steps = torch.stack([step(x[:, p:p + 1], p).clone() for p in range(20)], 1)
+    finally:
+        tiny_model.setup_cache(0, 0)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    assert all(layer.attention.cache is None for layer in tiny_model.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_sampler_writes_what_the_eager_one_does(tiny_model):
+    m = tiny_model.cuda()
+    a = data.sample(m, 5, 30, seed=1, batch=4, progress=False, graph=True)
+    b = data.sample(m, 5, 30, seed=1, batch=4, progress=False, graph=False)
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("spec, n", [("self", 128), ("self:7", 7)])
 def test_self_spec(spec, n):
     assert data.is_self(spec) and data.parse_self(spec) == n
