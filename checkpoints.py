@@ -518,7 +518,14 @@ def read_scales(path):
     try:
         with safe_open(path, framework="pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-        cfg = sasq.QuantConfig(**json.loads(meta["config"]))
+        config = json.loads(meta["config"])
+        if config.pop("w2_tensor", False):
+            raise ScalesError(f"{path}: scales of the retired rotated export (train.py "
+                              "--deployable --rotate, behind QuaRot-RTN on every text: "
+                              "docs/deploy.md)")
+        cfg = sasq.QuantConfig(**config)
+    except ScalesError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise ScalesError(f"{path}: not a readable scales file ({type(e).__name__}: "
                           f"{str(e)[:100]})") from None

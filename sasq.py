@@ -96,8 +96,6 @@ class QuantConfig:
                                    # heads (GQA): then it folds into the rows of wv
     clip: float = 1.0              # dynamic only: scale = clip * absmax / qmax (QuaRot: 0.9)
     rotate: int | None = None      # the seed of a rotation applied first (extras/baselines.py)
-    w2_tensor: bool = False        # one static scale for the w2 input (deployable + rotated: an
-                                   # online Hadamard before w2 keeps a scale from folding into w3)
     smooth: float | None = None    # PTQ init split SmoothQuant's way with this alpha (smooth())
 
     def __post_init__(self):
@@ -239,10 +237,9 @@ def attach(model, cfg: QuantConfig) -> nn.ModuleList:
         at = model.layers[i].attention
         tied = point == "wo" and cfg.tied_wo
         groups = (at.n_kv_heads, at.n_heads // at.n_kv_heads, at.head_dim) if tied else None
-        per_channel = cfg.per_channel and not (point == "w2" and cfg.w2_tensor)
         dim = getattr(parent, names[0]).in_features
         q = quantizers[i][point] = ActQuantizer(dim, cfg, POINTS[point].after_norm, groups,
-                                                per_channel)
+                                                cfg.per_channel)
         for n in names:
             setattr(parent, n, QuantLinear(getattr(parent, n), q, cfg.wbits))
     p = next(model.parameters())

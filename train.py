@@ -115,8 +115,7 @@ def quant_config(a) -> sasq.QuantConfig:
                                abits=cfg.abits if a.fp8 else a.abits,
                                smooth=cfg.smooth if a.alpha is None else a.alpha,
                                truncation=cfg.truncation and not a.no_truncation,
-                               rotate=a.seed if a.rotate else None,
-                               w2_tensor=a.deployable and a.rotate)
+                               rotate=a.seed if a.rotate else None)
 
 
 def recipe(a, model, train_wins, calib_wins, held, base_fp, comm=None):
@@ -203,8 +202,8 @@ def parse_args(argv=None):
     add("--no-truncation", action="store_true", help="ablation: no c*tanh(x/c) truncation")
     add("--deployable", action="store_true", help="sasq.RECIPES['deployable']: what "
         "extras/export.py folds into a standard static W8A8 checkpoint")
-    add("--rotate", action="store_true", help="train on the QuaRot-style rotated model "
-        "(extras/baselines.py, signs from --seed)")
+    add("--rotate", action="store_true", help="train the paper's recipe on the QuaRot-style "
+        "rotated model (extras/baselines.py, signs from --seed); fake-quant only, no export")
     add("--kv-bits", type=int, default=None, choices=(4, 8), help="also quantize the KV cache "
         "with static scales, trained with the others (extras/kvquant.py)")
     add("--kv-format", choices=("int", "fp8"), default=None, help="with --kv-bits: the cache's "
@@ -263,6 +262,9 @@ def check_args(p, a, argv):
             error(str(e))
     if a.alpha is not None and not 0 <= a.alpha <= 1:
         error(f"--alpha must be in 0..1, got {a.alpha}")
+    if a.rotate and (a.deployable or a.fp8):     # retired: behind QuaRot-RTN on every text
+        error("--rotate does not export, so it takes neither --deployable nor --fp8 "
+              "(docs/deploy.md)")
     if a.fp8 and (a.wbits, a.abits) != (8, 8):
         error("--fp8 sets the weights and activations to FP8; drop --wbits / --abits")
     if data.is_self(a.calib[0]):

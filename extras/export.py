@@ -120,9 +120,9 @@ def check_foldable(cfg: sasq.QuantConfig, a: llama.ModelArgs):
     if cfg.truncation:
         raise checkpoints.ScalesError("these scales were trained with c*tanh(x/c) truncation, which no engine format "
                                "holds; train them with train.py --deployable")
-    if cfg.rotate is not None and not cfg.w2_tensor:
-        raise checkpoints.ScalesError("these rotated scales have a per-channel w2-input scale behind the online Hadamard, "
-                               "which folds nowhere; train them with train.py --deployable --rotate")
+    if cfg.rotate is not None:
+        raise checkpoints.ScalesError("scales of a rotated model (train.py --rotate) do not export: the rotated "
+                               "export was behind QuaRot-RTN on every text and was retired (docs/deploy.md)")
     if not cfg.tied_wo and a.n_kv_heads != a.n_heads:
         raise checkpoints.ScalesError(f"the wo scales are not tied across the {a.n_heads // a.n_kv_heads} query heads "
                                "of each kv head (GQA), so they cannot fold into wv; train with --deployable")
@@ -140,11 +140,6 @@ def folded_state(model, quantizers) -> dict:
         # the producers of the wo and w2 inputs take their scales as per-row divisors
         # (wo's tied scale has one entry per kv channel, i.e. per row of wv)
         row_div = {"wv": qs["wo"].log_scale.exp(), "w3": qs["w2"].scale()}
-        # a per-tensor scale (the w2 input of a rotated model, behind its Hadamard) folds nowhere: it is
-        # the engine's input_scale, and leaves w2's weight_scale (of the codes of W * s) divided by it
-        in_scale = {}
-        if qs["w2"].log_scale.numel() == 1:
-            in_scale["w2"] = row_div.pop("w3")
         for sub, names, _ in sasq.POINTS.values():
             for n in names:
                 linear = getattr(getattr(layer, sub), n)
@@ -155,60 +150,16 @@ def folded_state(model, quantizers) -> dict:
                 if sw is None:      # float weights (wbits=None): the fold alone, W * s with rows / divisor
                     sd[name + "weight"] = codes / torch.as_tensor(row_div.get(n, 1.0))[..., None]
                     continue
-                s = in_scale.get(n, torch.ones(1)).float()
                 sd[name + "weight"] = codes.to(CODES[linear.wbits])
-                sd[name + "weight_scale"] = (sw.float() / row_div.get(n, 1.0) / s)[:, None]
-                sd[name + "input_scale"] = s.reshape(1)
+                sd[name + "weight_scale"] = (sw.float() / row_div.get(n, 1.0))[:, None]
+                sd[name + "input_scale"] = torch.ones(1)
     return sd
 
 
-# --------------------------------------------------------------------------- the online w2-input Hadamard
-
-# A rotated model (baselines.rotate) keeps one rotation at run time: z -> z @ H at the w2 (down_proj) input.
-# compressed-tensors writes such a rotation as a transform scheme (llm-compressor's SpinQuant R4): an
-# online transform at location "input" of every down_proj, its matrix V a tensor `<scheme>_input.weight`
-# of each down_proj, applied as z @ V / sqrt(n). Type "random-hadamard", not "hadamard": for "hadamard"
-# vLLM calls its hadacore kernel (CUDA, powers of two: not 1536 = 12 * 128 or 11008 = 344 * 32), for any
-# other type it multiplies by the stored V (transform/module.py), as compressed-tensors' own reader does.
-# Ours is a Paley x Sylvester Hadamard (baselines.hadamard), stored unnormalised (entries +-1, exact in bf16)
-# and once, in layer 0: every layer shares it, and both readers keep one tensor per scheme and size
-# (vLLM's SharedWeightParameter; compressed-tensors' factory cache), as llm-compressor's tied save does.
-# (Stored per layer it would weigh 30 x 4.7 MB for SmolLM2, 32 x 242 MB for LLaMA-2-7B in bf16.)
-R4 = "R4"
-TRANSFORM_CONFIG = {"config_groups": {R4: {
-    "type": "random-hadamard", "randomize": False, "requires_grad": False,
-    "apply": [{"targets": ["re:.*mlp.down_proj$"], "location": "input"}]}}}
-
-
-def w2_transform(model) -> dict:
-    """HF-named V = sqrt(n) H, the down_proj input transform of a rotated model; {} when it is not rotated."""
-    from extras import baselines
-    ffs = [layer.feed_forward for layer in model.layers]
-    if not isinstance(ffs[0].w2_in, baselines.Hadamard):
-        return {}
-    n = model.args.hidden_dim
-    V = (baselines.hadamard(torch.eye(n, dtype=torch.float64)) * n ** 0.5).round()     # z @ V / sqrt(n)
-    return {f"model.layers.0.mlp.down_proj.{R4}_input.weight": V}
-
-
 def load_hf(folder, dtype=torch.float32):
-    """Read an exported folder with transformers + compressed-tensors. transformers (5.17) applies the
-    quantization config but not a transform_config, so a rotated export's online Hadamard is attached here,
-    with compressed-tensors' own apply_transform_config, and its matrices copied from the checkpoint."""
+    """Read an exported folder with transformers (+ compressed-tensors for the quantized ones)."""
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    with open(os.path.join(folder, "config.json")) as f:
-        tc = json.load(f).get("quantization_config", {}).get("transform_config")
-    if tc:
-        from compressed_tensors.transform import TransformConfig, apply_transform_config
-        from safetensors import safe_open
-        apply_transform_config(hf, TransformConfig.model_validate(tc))
-        params = dict(hf.named_parameters(remove_duplicate=False))
-        for shard in sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")):
-            with safe_open(os.path.join(folder, shard), framework="pt") as f, torch.no_grad():
-                for k in (k for k in f.keys() if k in params and "_input." in k):
-                    params[k].copy_(f.get_tensor(k))
-    return hf
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
 
 
 # --------------------------------------------------------------------------- writing the folder
@@ -301,10 +252,6 @@ def export(model, tok, out, quantizers=None, dtype=torch.bfloat16, force=False, 
     hf = to_hf(sd, a)
     if quantizers is not None:
         config["quantization_config"] = quantization_config(sasq.quant_linears(model)[0].wbits)
-        transform = w2_transform(model)
-        if transform:
-            config["quantization_config"]["transform_config"] = TRANSFORM_CONFIG
-            hf.update({k: v.to(dtype) for k, v in transform.items()})
         if kv is not None:
             config["quantization_config"]["kv_cache_scheme"] = kvquant.kv_cache_scheme(kvquant.config(kv))
             hf.update(kvquant.export_tensors(kv))
@@ -351,9 +298,6 @@ def main(argv=None):
     if a.scales:
         cfg = checkpoints.read_scales_config(a.scales)
         check_foldable(cfg, model.args)          # before attaching: one line, nothing written
-        if cfg.rotate is not None:               # the same rotation the scales were trained on
-            from extras import baselines
-            baselines.rotate(model, cfg.rotate)
         quantizers, _ = checkpoints.load_scales(a.scales, model)
         kv, _ = kvquant.load(a.scales, model, quantizers)
     export(model, tok, a.out, quantizers, dtype, a.force, kv)

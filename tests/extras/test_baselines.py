@@ -168,3 +168,12 @@ def test_kl_loss_is_zero_for_the_float_model_and_trains(tiny_model):
     with torch.no_grad():
         k1 = train.step_loss(tiny_model, x, "kl").item()
     assert 0 < k1 < k0
+
+
+@pytest.mark.parametrize("recipe", ["--deployable", "--fp8"])
+def test_rotate_is_not_a_deployable_recipe(tmp_path, capsys, recipe):
+    """The rotated export was retired (docs/deploy.md): --rotate with an exportable recipe is a usage error."""
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([recipe, "--rotate", "--out", str(tmp_path / "s.safetensors")])
+    assert e.value.code == 2 and "--rotate does not export" in capsys.readouterr().err

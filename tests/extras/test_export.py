@@ -149,39 +149,21 @@ def test_quantized_generation_is_deterministic_and_matches_int8(tmp_path):
     assert m.generate(prompt, 24).shape == a.shape
 
 
-ROTATED = sasq.QuantConfig(truncation=False, tied_wo=True, rotate=0, w2_tensor=True)
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_rotated_export_equals_fake_quant(tmp_path, tied):
-    """train.py --deployable --rotate, exported: residual and per-head rotations folded into the weights (the
-    head untied), w2's Hadamard as compressed-tensors' online transform; read back = our fake-quant forward."""
-    from extras import baselines
-    m, tok = tiny(tmp_path, tied)
-    # (seed 1: with seed 0 the tied model meets a .5 tie, as in the test above, and 4 of 48 positions differ)
-    x = torch.randint(0, m.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    baselines.rotate(m, ROTATED.rotate)
-    qs = with_scales(m, ROTATED)
-    assert all(q["w2"].log_scale.numel() == 1 for q in qs)
-    sasq.freeze(m)
-    ref = m(x)[0]
-    export.export(m, tok, str(tmp_path / "out"), qs, dtype=torch.float32)
-    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["tie_word_embeddings"] is False and "transform_config" in cfg["quantization_config"]
-    hf = export.load_hf(str(tmp_path / "out"))
-    down = hf.model.layers[1].mlp.down_proj
-    assert down.input_scale.item() == pytest.approx(qs[1]["w2"].scale().item())
-    with torch.no_grad():
-        got = hf(x).logits
-        down._forward_pre_hooks.clear()                 # without the online Hadamard: another model
-        wrong = hf(x).logits
-    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
-    assert (wrong - ref).abs().max() > 0.1
-
-
-def test_rotated_scales_without_w2_tensor_are_refused():
-    with pytest.raises(checkpoints.ScalesError, match="--deployable --rotate"):
+def test_rotated_scales_are_refused(tmp_path):
+    """The rotated export was retired (docs/deploy.md): rotated scales, and files of the old
+    --deployable --rotate recipe, are refused in one line."""
+    with pytest.raises(checkpoints.ScalesError, match="retired"):
         export.check_foldable(sasq.QuantConfig(truncation=False, tied_wo=True, rotate=0), model.ModelArgs())
+    m, _ = tiny(tmp_path, False)
+    qs = with_scales(m, sasq.RECIPES["deployable"])
+    checkpoints.save_scales(str(tmp_path / "s.safetensors"), m, qs, sasq.RECIPES["deployable"])
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = json.dumps({**json.loads(meta["config"]), "rotate": 0, "w2_tensor": True})
+    checkpoints.save_safetensors(tensors, str(tmp_path / "old.safetensors"), meta)
+    with pytest.raises(checkpoints.ScalesError, match="retired rotated export"):
+        checkpoints.read_scales(str(tmp_path / "old.safetensors"))
 
 
 def test_codes_are_those_of_the_training_precision(tmp_path):

@@ -1,7 +1,7 @@
 """vLLM's CPU build as a reader of what export.py writes (the real engine, in an environment of its own:
-`.venv-vllm`, which .ci/run makes; skipped where it is absent). The deployable and the rotated export of
+`.venv-vllm`, which .ci/run makes; skipped where it is absent). The deployable export (and its FP8-KV form) of
 the real SmolLM2, with PTQ scales, scored by vLLM and by transformers + compressed-tensors on the same
-windows; which kernel and transforms vLLM chose is read from its own modules (tests/extras/vllm_reader.py)."""
+windows; which kernel vLLM chose is read from its own modules (tests/extras/vllm_reader.py)."""
 import copy
 import json
 import os
@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 
-from extras import baselines
 import checkpoints
 import data
 from extras import export
@@ -48,11 +47,8 @@ def test_vllm_reads_the_static_exports(smollm, tmp_path):
     wins = data.token_windows(tok, TEST_SPEC, 256, 2)
     calib = data.token_windows(tok, CALIB_SPEC, 256, 4)
     folders = {}
-    for name, cfg in (("dep", sasq.QuantConfig(truncation=False, tied_wo=True)),
-                      ("rot", sasq.QuantConfig(truncation=False, tied_wo=True, rotate=0, w2_tensor=True))):
+    for name, cfg in (("dep", sasq.RECIPES["deployable"]),):
         m = copy.deepcopy(base)
-        if cfg.rotate is not None:
-            baselines.rotate(m, cfg.rotate)
         qs = sasq.attach(m, cfg)
         sasq.calibrate(m, qs, calib, progress=False)
         folders[name] = str(tmp_path / name)
@@ -70,8 +66,8 @@ def test_vllm_reads_the_static_exports(smollm, tmp_path):
             json.dump(c, open(cfg_path, "w"))
         del m
     (tmp_path / "wins.json").write_text(json.dumps(wins.tolist()))
-    jobs = [f"{folders['dep']}:static", f"{folders['dep']}:default", f"{folders['rot']}:patched",
-            f"{folders['rot']}:static", f"{folders['kv']}:static", f"{folders['kv-int']}:static"]
+    jobs = [f"{folders['dep']}:static", f"{folders['dep']}:default", f"{folders['kv']}:static",
+            f"{folders['kv-int']}:static"]
     out = subprocess.run([VLLM_PYTHON, str(ROOT / "tests" / "extras" / "vllm_reader.py"), str(tmp_path / "wins.json"), *jobs],
                          capture_output=True, text=True, timeout=600)
     got = {k: v for line in out.stdout.splitlines() if line.startswith("RESULT ") for k, v in json.loads(line[7:]).items()}
@@ -80,17 +76,9 @@ def test_vllm_reads_the_static_exports(smollm, tmp_path):
     ref = {name: hf_ppl(f, wins) for name, f in folders.items() if name != "kv-int"}
     # the static path: every linear (qkv, o, gate_up, down per layer) on oneDNN with the static input_scale,
     # and the same perplexity as transformers
-    dep, rot = got[jobs[0]], got[jobs[2]]
-    assert dep["kernels"] == {STATIC: 4 * n} and dep["transforms"] == 0
+    dep = got[jobs[0]]
+    assert dep["kernels"] == {STATIC: 4 * n}
     assert dep["ppl"] == pytest.approx(ref["dep"], rel=5e-3)
-    # the rotated export: vLLM's transform code applies the down_proj Hadamard once it can run on the CPU...
-    # (on a CPU without VNNI oneDNN's u8 x s8 kernels sum pairs of products in 16 bits with saturation, its
-    # "Nuances of int8 computations" page; the rotated model's flatter codes came out +0.9 % on an AVX2-only EPYC)
-    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & vllm_reader.cpu_flags())
-    assert rot["kernels"] == {STATIC: 4 * n} and rot["transforms"] == n
-    assert rot["ppl"] == pytest.approx(ref["rot"], rel=5e-3 if vnni else 2e-2)
-    # ...which vLLM 0.32's CPU build cannot by itself (when this fails, vLLM fixed it: update docs/deploy.md)
-    assert "cpu_linear" in got[jobs[3]].get("error", ""), got[jobs[3]]
     # vLLM as a user starts it: on an AMX CPU its default int8 kernel quantizes per token (dynamic) and
     # ignores input_scale, so a static checkpoint gives another number; elsewhere it runs the static path
     default = got[jobs[1]]
@@ -103,7 +91,7 @@ def test_vllm_reads_the_static_exports(smollm, tmp_path):
     # the static FP8 KV cache: vLLM turns its cache to fp8 by itself and takes our k_scale / v_scale; its CPU
     # cache loses more than compressed-tensors' fake-quant (measured +2.1 % on 4 x 512 tokens; docs/kvcache.md).
     # On a CPU without AVX-512 or AMX vLLM 0.32 refuses an fp8 cache, and says so.
-    kvr = got[jobs[4]]
+    kvr = got[jobs[2]]
     assert ref["kv"] != ref["dep"]
     if not {"avx512f", "amx_tile"} & vllm_reader.cpu_flags():
         assert "requires x86 with AVX-512 or AMX" in kvr.get("error", ""), kvr
@@ -112,7 +100,7 @@ def test_vllm_reads_the_static_exports(smollm, tmp_path):
         assert kvr["kernels"] == {STATIC: 4 * n}
         assert kvr["ppl"] == pytest.approx(ref["kv"], rel=0.05)
     # an int8 cache is refused by vLLM 0.32 (kv_cache_scheme must be type float): export.py writes fp8 for vLLM
-    assert "type=float" in got[jobs[5]].get("error", ""), got[jobs[5]]
+    assert "type=float" in got[jobs[3]].get("error", ""), got[jobs[3]]
 
 
 def test_vllm_reads_a_qwen2_export(tmp_path):

@@ -4,17 +4,13 @@
 
 WINDOWS.json holds token windows (a list of lists). vLLM scores each as a prompt (prompt logprobs, one
 generated token) and we sum the logprob of every actual token after the first. For each job we also read,
-from the engine's own modules, which int8 kernel each quantized linear runs and how many online transforms
-it applies. A job is FOLDER:PATH, PATH one of
+from the engine's own modules, which int8 kernel each quantized linear runs. A job is FOLDER:PATH, PATH one of
   default  vLLM as a user starts it (bf16; float32 on a CPU without AVX-512-BF16 or AMX, where vLLM's bf16
            is emulated and scoring two windows took over 5 minutes). On a CPU with AMX, vLLM 0.32 runs int8
            layers through `int8_scaled_mm_with_quant` (`_apply_weights_sgl`), which takes no input scale and
            quantizes each token at run time: a static checkpoint runs as a dynamic one.
   static   AMX hidden from vLLM's kernel choice (float32), so that it takes its oneDNN path
            (`_apply_weights_onednn`), which quantizes with the checkpoint's static input_scale.
-  patched  static, and vLLM's online transforms made runnable on the CPU: their dense fallback calls
-           `layer.cpu_linear`, which vLLM 0.32 sets on no HadamardTransform (AttributeError); the patch
-           gives it that one attribute (a plain F.linear), to measure what vLLM's transform code computes.
   fp8kv    static, with kv_cache_dtype="fp8": vLLM stores the cache in FP8-e4m3 and takes the
            checkpoint's k_scale / v_scale (compressed-tensors' kv_cache_scheme) for it.
            vLLM 0.32 refuses an FP8 cache on a CPU without AVX-512 or AMX (an AVX2-only AMD EPYC here).
@@ -39,49 +35,42 @@ def cpu_flags():
 
 
 def engine_report(model):
-    """({scheme:kernel: number of linears}, number of linears with an online transform) of a vLLM model."""
-    kernels, transforms, kv = {}, 0, None
+    """({scheme:kernel: number of linears}, the first attention layer's KV-cache dtype and scales)."""
+    kernels, kv = {}, None
     for mod in model.modules():
         if kv is None and hasattr(mod, "_k_scale") and hasattr(mod, "kv_cache_dtype"):
             kv = {"kv_cache_dtype": mod.kv_cache_dtype, "k_scale": float(mod._k_scale), "v_scale": float(mod._v_scale)}
-        method = getattr(mod, "quant_method", None)
         kernel = getattr(getattr(getattr(mod, "scheme", None), "kernel", None), "linear_method", None)
         if kernel is not None:
             key = f"{type(mod.scheme).__name__}:{kernel.__name__}"
             kernels[key] = kernels.get(key, 0) + 1
-        transforms += type(method).__name__ == "CompressedTensorsLinearTransformMethod"
-    return kernels, transforms, kv
+    return kernels, kv
 
 
 def run(folder, path, wins):
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-    from vllm.model_executor.layers.quantization.compressed_tensors.transform.module import HadamardTransform
     amx = torch.cpu._is_amx_tile_supported
-    if path in ("static", "patched", "fp8kv"):
+    if path in ("static", "fp8kv"):
         torch.cpu._is_amx_tile_supported = lambda: False
-    if path == "patched":
-        HadamardTransform.cpu_linear = lambda self, x, w, b: torch.nn.functional.linear(x, w, b)
     try:
         bf16 = path == "default" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
         llm = LLM(model=folder, dtype="bfloat16" if bf16 else "float32", seed=0,
                   max_model_len=len(wins[0]) + 1, enforce_eager=True, max_num_seqs=len(wins),
                   **({"kv_cache_dtype": "fp8"} if path == "fp8kv" else {}))
-        kernels, transforms, kv = llm.apply_model(engine_report)[0]
+        kernels, kv = llm.apply_model(engine_report)[0]
         outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in wins],
                             SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         nll = -sum(lp[t].logprob for w, o in zip(wins, outs) for t, lp in zip(w[1:], o.prompt_logprobs[1:]))
         count = sum(len(w) - 1 for w in wins)
         del llm
-        return {"ppl": math.exp(nll / count), "tokens": count, "kernels": kernels, "transforms": transforms, "kv": kv,
+        return {"ppl": math.exp(nll / count), "tokens": count, "kernels": kernels, "kv": kv,
                 "dtype": "bfloat16" if bf16 else "float32"}
     except Exception as e:       # report and go on: the next job gets a fresh engine
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     finally:
         torch.cpu._is_amx_tile_supported = amx
-        if hasattr(HadamardTransform, "cpu_linear"):
-            del HadamardTransform.cpu_linear
 
 
 def main():
