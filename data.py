@@ -125,9 +125,9 @@ def load_text(spec: str) -> str:
 def source_problem(spec: str) -> str | None:
     """Why a text source cannot load, found without loading it (None: it looks loadable), so that a
     misspelled text fails before the model loads (minutes on a 7B)."""
-    if spec in PACKAGED:
+    if is_self(spec) or spec in PACKAGED:
         try:
-            packaged_text(spec)
+            parse_self(spec) if is_self(spec) else packaged_text(spec)
         except DataError as e:
             return str(e)
         return None
@@ -279,8 +279,9 @@ def decoder(model, batch: int, length: int, graph: bool):
     over a StepCache of `length` positions. graph: capture the step once as a CUDA graph and replay
     it (one launch instead of ~20 kernels a layer, which bound the Python loop). The logits are the
     graph's output buffer: read them before the next step."""
-    model.setup_cache(batch, length, lambda i, shape, like: StepCache(shape, like))
     device = model.tok_embeddings.weight.device
+    like = torch.empty(0, dtype=model.tok_embeddings.weight.dtype, device=device)  # not a DTensor
+    model.setup_cache(batch, length, lambda i, shape, _: StepCache(shape, like))
     tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.zeros((), dtype=torch.long, device=device)
 

@@ -78,13 +78,18 @@ def prepare(a, device=None):
     model, tok = checkpoints.load_model(a.ckpt, device or a.device, dtype)
     data.check_seq_len(model, a.seq_len)
     model.checkpointing = a.checkpointing
-    sources = [data.self_windows(model, tok, spec, a.seq_len, a.seed) if data.is_self(spec)
-               else data.token_windows(tok, spec, a.seq_len) for spec in a.calib]
+    return model, *calibration(a, lambda s: data.self_windows(model, tok, s, a.seq_len, a.seed)
+                               if data.is_self(s) else data.token_windows(tok, s, a.seq_len))
+
+
+def calibration(a, source):
+    """(training, PTQ, held-back) windows of --calib; source(spec): the windows of one source."""
+    sources = [source(spec) for spec in a.calib]
     if len(sources[0]) <= a.heldout:
         raise data.DataError(f"{a.calib[0]} gives {len(sources[0])} windows of {a.seq_len} tokens; "
                              f"need more than --heldout={a.heldout}")
     held, sources[0] = sources[0][-a.heldout:], sources[0][:-a.heldout]
-    return model, torch.cat(sources), ptq_windows(sources, a.calib_windows, a.calib), held
+    return torch.cat(sources), ptq_windows(sources, a.calib_windows, a.calib), held
 
 
 def ptq_windows(sources, n, names):
@@ -167,11 +172,10 @@ def recipe(a, model, train_wins, calib_wins, held, base_fp, comm=None):
 def run_record(a, fingerprint, cfg, comm=None) -> dict:
     """What this run is: --resume refuses a state whose record differs in any key."""
     world = comm.world if comm else int(os.environ.get("WORLD_SIZE", "1"))
-    return {"world": world, "fingerprint": fingerprint,
-            "config": dataclasses.asdict(cfg), "steps": a.steps, "batch_size": a.batch_size,
-            "seq_len": a.seq_len, "lr": a.lr, "calib": list(a.calib), "init": a.init,
-            "trunc_mult": a.trunc_mult, "calib_windows": a.calib_windows, "heldout": a.heldout,
-            "seed": a.seed, "loss": a.loss,
+    keys = ("steps", "batch_size", "seq_len", "lr", "init", "trunc_mult", "calib_windows",
+            "heldout", "seed", "loss")
+    return {"world": world, "fingerprint": fingerprint, "config": dataclasses.asdict(cfg),
+            "calib": list(a.calib), **{k: getattr(a, k) for k in keys},
             **({"kv": [a.kv_bits, a.kv_format, a.kv_granularity]} if a.kv_bits else {})}
 
 
@@ -255,11 +259,6 @@ def check_args(p, a, argv):
                 setattr(a, k, v)
     a.calib = a.calib or list(CALIB)
     cli.check_args(p, a)
-    for spec in filter(data.is_self, a.calib):
-        try:
-            data.parse_self(spec)
-        except data.DataError as e:
-            error(str(e))
     if a.alpha is not None and not 0 <= a.alpha <= 1:
         error(f"--alpha must be in 0..1, got {a.alpha}")
     if a.rotate and (a.deployable or a.fp8):     # retired: behind QuaRot-RTN on every text
@@ -285,7 +284,7 @@ def check_args(p, a, argv):
     if not a.resume and os.path.exists(state) and not a.force:
         error(f"{state} holds an interrupted run: continue it with --resume, or pass --force to "
               "discard it")
-    problems = [data.source_problem(s) for s in a.calib if not data.is_self(s)]
+    problems = [data.source_problem(s) for s in a.calib]
     if any(problems):                  # a misspelled text fails now, not after the model loads
         error("--calib " + "; ".join(filter(None, problems)))
     if a.device == "cpu" and a.steps * a.batch_size * a.seq_len > 200_000 and not a.resume:

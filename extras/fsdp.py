@@ -7,8 +7,10 @@ are train.py's (`python -m extras.fsdp --help` lists them).
 
 What changes against one process, and why it stays the same method:
   1. Loading: rank 0 reads the checkpoint into host memory (one copy per node, not one per rank) and cuts
-     the text into windows; every rank builds the model on the meta device, `fully_shard`s each decoder
-     block and then the root, and rank 0's weights are broadcast into the shards.
+     the texts into windows; every rank builds the model on the meta device, `fully_shard`s each decoder
+     block and then the root, and rank 0's weights are broadcast into the shards. The self-written text
+     (self:N) is written by the sharded model, each rank a share with its own seed (self_windows), so a
+     13B or 70B model writes it on its GPUs; with one process it is train.py's text.
   2. The quantizers are attached after sharding, so FSDP never sees them: their few parameters are
      ordinary tensors, identical on every rank, and their gradients are averaged by one all-reduce per
      step. Adam then takes the same step everywhere, so they stay identical.
@@ -19,8 +21,8 @@ What changes against one process, and why it stays the same method:
      per-batch absmax rows gives exactly the rows one process computes, so max and mean inits agree.
   5. Rank 0 alone prints and writes (scales, state, logs); every rank reads the state on --resume.
 With world size 1 each of these is the identity: train.py's single-process code path, which this file
-uses (train.prepare and train.recipe take a `comm`, cli.Harness the loop's; they never import
-this file).
+uses (train.calibration and train.recipe take a `comm` or a source, cli.Harness the loop's; they never
+import this file).
 """
 import os
 import sys
@@ -30,6 +32,7 @@ import torch.distributed as dist
 
 import checkpoints
 import cli
+import data
 import model as llama
 import sasq
 import train
@@ -121,15 +124,33 @@ def fill_from_rank0(model, full_state):
     set_model_state_dict(model, full_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def load(a, comm, device, prepare):
-    """The distributed counterpart of train.prepare: rank 0 loads on the CPU and makes the windows; every
-    rank gets a sharded model and the same windows. Returns (model, train, calib, held, fingerprint)."""
+def self_windows(model, bos_id, spec, a, comm):
+    """A self:N source written by the sharded model: every rank writes an equal share (the same number of
+    decode steps, so that FSDP's gathers pair up; the batch is the smallest any rank's memory allows), with
+    its own seed (rank 0: --seed, so one process writes train.py's text), gathered in rank order."""
+    n = data.parse_self(spec)
+    share = -(-n // comm.world)
+    batch = -comm.max_(torch.tensor([-data.sampler_batch(model, a.seq_len)], device=comm.device)).item()
+    mine = data.sample(model, share, a.seq_len, a.seed + 7919 * comm.rank, batch=int(batch), bos_id=bos_id,
+                       progress=comm.rank == 0, graph=False).to(comm.device)
+    every = [torch.empty_like(mine) for _ in range(comm.world)]
+    dist.all_gather(every, mine)
+    return torch.cat(every)[:n].cpu()
+
+
+def load(a, comm, device):
+    """The distributed counterpart of train.prepare: rank 0 reads the checkpoint on the CPU and cuts the
+    texts into windows; every rank gets a sharded model, the texts' windows and the self-written ones
+    (written by the sharded model on the GPUs). Returns (model, train, calib, held, fingerprint)."""
     if comm.rank == 0:
-        cpu, train, calib, held = prepare(a, "cpu")
-        meta = (cpu.args, train, calib, held, checkpoints.fingerprint(cpu))
+        dtype = getattr(torch, a.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+        cpu, tok = checkpoints.load_model(a.ckpt, "cpu", dtype)
+        data.check_seq_len(cpu, a.seq_len)
+        texts = {s: data.token_windows(tok, s, a.seq_len) for s in a.calib if not data.is_self(s)}
+        meta = (cpu.args, texts, tok.bos_id if tok.add_bos else None, checkpoints.fingerprint(cpu))
         full = cpu.state_dict()
     meta = comm.broadcast(meta if comm.rank == 0 else None)
-    args, train, calib, held, fp = meta
+    args, texts, bos_id, fp = meta
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     with torch.device("meta"):
         model = llama.Transformer(args).to(dtype)
@@ -139,7 +160,8 @@ def load(a, comm, device, prepare):
     import resource                                       # Linux: ru_maxrss in KiB
     print(f"rank {comm.rank}: peak host memory after loading {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB",
           file=sys.stderr)
-    return model, train, calib, held, fp
+    wins = train.calibration(a, lambda s: self_windows(model, bos_id, s, a, comm) if data.is_self(s) else texts[s])
+    return (model, *wins, fp)
 
 
 def main(argv=None):
@@ -155,7 +177,7 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     comm, a.device = setup(a.device)
     try:
-        model, train_wins, calib_wins, held, fingerprint = load(a, comm, a.device, train.prepare)
+        model, train_wins, calib_wins, held, fingerprint = load(a, comm, a.device)
         print(f"{comm.world} processes, FSDP2: global batch {comm.world} x {a.batch_size} windows")
         train.recipe(a, model, train_wins, calib_wins, held, fingerprint, comm)
     finally:

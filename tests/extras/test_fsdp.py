@@ -24,8 +24,8 @@ def setup(tmp_path_factory):
     return d, args
 
 
-def train(args, out, procs=1, batch=2, extra=(), wait=True):
-    cmd = [sys.executable, "train.py"] if procs == 1 else \
+def train(args, out, procs=1, batch=2, extra=(), wait=True, fsdp=False):
+    cmd = [sys.executable, "train.py"] if procs == 1 and not fsdp else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", "-m", "extras.fsdp"]
     p = subprocess.Popen(cmd + args + ["--batch-size", str(batch), "--out", str(out), *extra], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -72,3 +72,18 @@ def test_interrupted_two_process_run_resumes_to_the_same_scales(setup):
     a, b = load_file(d / "straight.safetensors"), load_file(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not state.exists()
+
+
+def test_self_written_text_comes_from_the_sharded_model(setup):
+    """--calib self:N under torchrun: written by the sharded model. One process writes train.py's text (the
+    same scales, bit for bit); two write a share each (rank 1 with its own seed) and train on them."""
+    d, args = setup
+    extra = ("--calib", "self:3", "--steps", "1", "--lr", "1e-12", "--init", "mean")
+    train(args, d / "self-one.safetensors", extra=extra)
+    train(args, d / "self-fsdp1.safetensors", fsdp=True, extra=extra)
+    a, b = load_file(d / "self-one.safetensors"), load_file(d / "self-fsdp1.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    out = train(args, d / "self-two.safetensors", procs=2, batch=1, extra=extra)
+    assert "global batch 2 x 1" in out and out.count("scales saved") == 1
+    c = load_file(d / "self-two.safetensors")
+    assert c.keys() == a.keys() and any(not torch.equal(a[k], c[k]) for k in a)   # rank 1 wrote other text
