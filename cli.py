@@ -130,6 +130,8 @@ def report(a, fp_ppl, ptq_ppl, sasq_ppl, losses, harness, comm=None):
              else " (all done before --resume)")
     print(f"trained {a.steps} steps in {harness.seconds():.1f} s{first}; training loss ({a.loss}), "
           f"first / last {k} steps: {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}")
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (this process)")
     if sasq_ppl > ptq_ppl and not (comm and comm.rank):
         print(f"warning: training made the held-out perplexity worse than its PTQ init "
               f"({sasq_ppl:.3f} > {ptq_ppl:.3f}); check --lr and --steps", file=sys.stderr)
