@@ -100,3 +100,23 @@ def test_sampler_batch_fits_the_free_memory():
     assert data.sampler_batch(m, 2048, free=10 * 2**30) == 4      # 5 GiB for 1 GiB + logits each
     assert data.sampler_batch(m, 2048, free=2**30) == 1
     assert data.sampler_batch(m, 256, free=10**15) == 128
+
+
+def test_self_windows_allocate_no_more_cache_than_the_memory_bound(tiny_model, monkeypatch):
+    """A tiny model given the free memory of 3 sequences' cache: the sampler writes 7 windows 3 at a time
+    and never allocates a cache for more (the bound that keeps a 7B model's text on one 80 GB GPU)."""
+    a = tiny_model.args
+    per_seq = 2 * a.n_layers * a.n_kv_heads * (a.dim // a.n_heads) * 16 * 4 + 8 * a.vocab_size
+    real, shapes = data.sampler_batch, []
+    monkeypatch.setattr(data, "sampler_batch", lambda m, seq_len: real(m, seq_len, free=2 * 3 * per_seq))
+
+    class Recording(data.StepCache):
+        def __init__(self, shape, like):
+            shapes.append(shape)
+            super().__init__(shape, like)
+    monkeypatch.setattr(data, "StepCache", Recording)
+    tok = type("Tok", (), {"bos_id": 1, "add_bos": True})()
+    w = data.self_windows(tiny_model, tok, "self:7", 16, progress=False)
+    assert w.shape == (7, 16) and (w[:, 0] == 1).all()
+    assert {s[0] for s in shapes} == {3, 1} and max(s[0] for s in shapes) == 3
+    assert len(shapes) == 3 * a.n_layers                         # batches of 3, 3, 1: one cache per layer
