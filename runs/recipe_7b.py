@@ -3,7 +3,7 @@ calibration text (its batch sized to the free memory, data.sampler_batch), the P
 --checkpointing and compiled blocks, the saved scales; seconds and peak GPU memory per stage.
 
     python runs/recipe_7b.py --windows 256 --steps 100     # train.py's defaults (one H100: see the table)
-    python runs/recipe_7b.py --windows 32 --steps 10       # a shorter check of the same stages
+    python runs/recipe_7b.py --windows 33 --steps 10       # a shorter check (one H100: one sampler batch)
 
 Random weights: the compute and memory are a real model's, the text is not (a random model writes
 noise). The WikiText part of the calibration is random tokens here, as many windows as self-written ones.
