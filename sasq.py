@@ -123,11 +123,10 @@ class ActQuantizer(nn.Module):
 
     is_quantizer = True              # checkpoints.fingerprint leaves quantizers' parameters out
 
-    def __init__(self, dim: int, cfg: QuantConfig, norm_input: bool, groups=None, per_channel=None):
+    def __init__(self, dim: int, cfg: QuantConfig, norm_input: bool, groups=None):
         super().__init__()
         self.bits, self.mode, self.groups = cfg.abits, cfg.act, groups
-        per_channel = cfg.per_channel if per_channel is None else per_channel
-        n = 1 if not per_channel else dim if groups is None else groups[0] * groups[2]
+        n = 1 if not cfg.per_channel else dim if groups is None else groups[0] * groups[2]
         self.log_scale = nn.Parameter(torch.zeros(n))
         # thresholds start out of reach (identity); calibrate() sets them from the data
         use_c = norm_input and cfg.truncation and cfg.act == "static" and cfg.abits is not None
@@ -238,8 +237,7 @@ def attach(model, cfg: QuantConfig) -> nn.ModuleList:
         tied = point == "wo" and cfg.tied_wo
         groups = (at.n_kv_heads, at.n_heads // at.n_kv_heads, at.head_dim) if tied else None
         dim = getattr(parent, names[0]).in_features
-        q = quantizers[i][point] = ActQuantizer(dim, cfg, POINTS[point].after_norm, groups,
-                                                cfg.per_channel)
+        q = quantizers[i][point] = ActQuantizer(dim, cfg, POINTS[point].after_norm, groups)
         for n in names:
             setattr(parent, n, QuantLinear(getattr(parent, n), q, cfg.wbits))
     p = next(model.parameters())

@@ -142,8 +142,8 @@ def load(a, comm, device):
     """The distributed counterpart of train.prepare: rank 0 reads the checkpoint on the CPU and cuts the
     texts into windows; every rank gets a sharded model, the texts' windows and the self-written ones
     (written by the sharded model on the GPUs). Returns (model, train, calib, held, fingerprint)."""
+    dtype = getattr(torch, a.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if comm.rank == 0:
-        dtype = getattr(torch, a.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
         cpu, tok = checkpoints.load_model(a.ckpt, "cpu", dtype)
         data.check_seq_len(cpu, a.seq_len)
         texts = {s: data.token_windows(tok, s, a.seq_len) for s in a.calib if not data.is_self(s)}
@@ -151,7 +151,6 @@ def load(a, comm, device):
         full = cpu.state_dict()
     meta = comm.broadcast(meta if comm.rank == 0 else None)
     args, texts, bos_id, fp = meta
-    dtype = getattr(torch, a.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     with torch.device("meta"):
         model = llama.Transformer(args).to(dtype)
     model.checkpointing = a.checkpointing
