@@ -233,14 +233,15 @@ def perplexity(
 
 # -------------------------------------------------------------------- text the model writes itself
 # Liu et al. (LLM-QAT, arXiv 2305.17888) calibrate on text the float model writes: a random first
-# token, a few greedy tokens, then sampling at temperature 1. Text drawn from the model's own
-# distribution covers what the model knows, not one corpus' style, so scales trained on it are less
-# fitted to one text (docs/deploy.md measures how much). The sampler is seeded: the same model, seed
-# and device give the same windows. Generation runs on the float model, before any quantizer is
-# attached.
+# token, a few greedy tokens, then sampling at temperature 1 (here half the windows begin with an
+# opening instead: OPENINGS). Text drawn from the model's own distribution covers what the model
+# knows, not one corpus' style, so scales trained on it are less fitted to one text (docs/deploy.md
+# measures how much). The sampler is seeded: the same model, seed and device give the same
+# windows. Generation runs on the float model, before any quantizer is attached.
 
 SELF = "self"                   # the --calib source `self:N`
 SELF_MAX = 100_000              # more windows than any calibration needs: a typo, not a request
+GENRES = "genres"               # self:N:genres: half the windows begin with OPENINGS
 
 
 def is_self(spec: str) -> bool:
@@ -248,12 +249,19 @@ def is_self(spec: str) -> bool:
 
 
 def parse_self(spec: str) -> int:
-    """`self:N` -> N windows (`self` alone: 128)."""
-    n = spec.split(":", 1)[1] if ":" in spec else "128"
-    if not (n.isascii() and n.isdigit()) or not 1 <= int(n) <= SELF_MAX:
-        raise DataError(f"--calib {spec}: write self:N with N a number of windows, 1 to "
-                        f"{SELF_MAX:,}")
+    """`self:N` or `self:N:genres` -> N windows (`self` alone: 128)."""
+    parts = spec.split(":")
+    n = parts[1] if len(parts) > 1 else "128"
+    if (not (n.isascii() and n.isdigit()) or not 1 <= int(n) <= SELF_MAX
+            or parts[2:] not in ([], [GENRES])):
+        raise DataError(f"--calib {spec}: write self:N (or self:N:{GENRES}) with N a number of "
+                        f"windows, 1 to {SELF_MAX:,}")
     return int(n)
+
+
+def self_openings(spec: str) -> tuple[str, ...]:
+    """How a self:N source's windows begin: all with a random token, or (self:N:genres) OPENINGS."""
+    return OPENINGS if spec.endswith(":" + GENRES) else ("",)
 
 
 class StepCache:
@@ -311,8 +319,9 @@ def decoder(model, batch: int, length: int, graph: bool):
 
 @torch.no_grad()
 def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch=32, bos_id=None,
-           progress=True, graph=None):
-    """(n, seq_len) token windows written by `model`: [BOS,] a uniformly random first token,
+           progress=True, graph=None, openings=((),), first=0):
+    """(n, seq_len) token windows written by `model`. Window i begins [BOS,] with
+    openings[(first + i) % len(openings)] (token ids; empty: one uniformly random token), then
     `greedy` argmax tokens, then samples from softmax(logits / temperature). Sequences never stop
     early: an end-of-text token is followed by whatever the model writes next, as in a corpus.
     Every token goes through one decode step (decoder); graph (default: on a GPU) replays it as a
@@ -320,25 +329,23 @@ def sample(model, n: int, seq_len: int, seed=0, greedy=3, temperature=1.0, batch
     device = next(model.parameters()).device
     graph = device.type == "cuda" if graph is None else graph
     gen = torch.Generator(device=device).manual_seed(seed)
-    given, out = 1 + (bos_id is not None), []          # [BOS,] the random first token
+    bos, out = [] if bos_id is None else [bos_id], []
     for start in tqdm(range(0, n, batch), desc="generate calibration text", disable=not progress):
         B = min(batch, n - start)
-        tokens = torch.zeros(B, seq_len, dtype=torch.long, device=device)
-        tokens[:, given - 1] = torch.randint(model.args.vocab_size, (B,), generator=gen,
-                                             device=device)
-        if bos_id is not None:
-            tokens[:, 0] = bos_id
+        tokens = torch.randint(model.args.vocab_size, (B, seq_len), generator=gen, device=device)
+        given = torch.zeros(B, dtype=torch.long, device=device)  # tokens set before decoding
+        for r in range(B):
+            head = (bos + list(openings[(first + start + r) % len(openings)]))[:seq_len]
+            tokens[r, :len(head)] = torch.tensor(head, dtype=torch.long)
+            given[r] = max(len(head), len(bos) + 1)  # no opening: the random token stays
         try:
             step = decoder(model, B, seq_len, graph)
             for p in range(1, seq_len):                 # the token at p from those before it
                 logits = step(tokens[:, p - 1:p], p - 1)
-                if p < given:
-                    continue
-                if p - given < greedy:
-                    tokens[:, p] = logits.argmax(-1)
-                else:
-                    probs = torch.softmax(logits.float() / temperature, -1)
-                    tokens[:, p] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                drawn = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1,
+                                          generator=gen)[:, 0]
+                new = torch.where(p - given < greedy, logits.argmax(-1), drawn)
+                tokens[:, p] = torch.where(p < given, tokens[:, p], new)
         finally:
             model.setup_cache(0, 0)
         out.append(tokens.cpu())
@@ -358,9 +365,31 @@ def sampler_batch(model, seq_len, free=None, most=128) -> int:
     return max(1, min(most, int(free // 2 // (cache + 8 * a.vocab_size))))
 
 
-def self_windows(model, tok, spec: str, seq_len: int, seed=0, limit=None, progress=True):
-    """The windows of a `self:N` source (at most `limit`), in the form token_windows gives. The text
+# self:N:genres begins window i with OPENINGS[i % 16]: half with a random token (LLM-QAT's start,
+# as self:N does for all; the model picks the topic, mostly web prose), half with the start of a
+# genre it seldom reaches from one: code, markup, a list, a dialogue. Scales trained without them
+# clipped SmolLM2's w2 inputs on code several times as often as on WikiText (docs/deploy.md). Not
+# yet measured as a recipe: a lead (docs/LOG.md).
+OPENINGS = ("", "import numpy as np\n\n\ndef",
+            "", "#include <stdio.h>\n\nint main(",
+            "", "function handleClick(event) {\n",
+            "", "<!DOCTYPE html>\n<html>\n<head>\n",
+            "", "CREATE TABLE users (\n",
+            "", "Here are the steps:\n\n1.",
+            "", "A: Hello, how are you?\nB:",
+            "", "# Introduction\n\n")
+
+
+def opening_ids(tok, openings) -> list[list[int]]:
+    return [tok.encode(o, bos=False) if o else [] for o in openings]
+
+
+def self_windows(model, tok, spec: str, seq_len: int, seed=0, limit=None, progress=True,
+                 openings=None):
+    """The windows of a `self:N[:genres]` source (at most `limit`), in the form token_windows gives,
+    window i begun with openings[i % len(openings)] (text; default: self_openings(spec)). The text
     depends on the seed and on how many sequences are sampled together (sampler_batch)."""
     n = parse_self(spec) if limit is None else min(parse_self(spec), limit)
     return sample(model, n, seq_len, seed, batch=sampler_batch(model, seq_len),
-                  bos_id=tok.bos_id if tok.add_bos else None, progress=progress)
+                  bos_id=tok.bos_id if tok.add_bos else None, progress=progress,
+                  openings=opening_ids(tok, openings or self_openings(spec)))

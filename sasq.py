@@ -97,6 +97,7 @@ class QuantConfig:
     clip: float = 1.0              # dynamic only: scale = clip * absmax / qmax (QuaRot: 0.9)
     rotate: int | None = None      # the seed of a rotation applied first (extras/baselines.py)
     smooth: float | None = None    # PTQ init split SmoothQuant's way with this alpha (smooth())
+    headroom: float = 1.0          # the w2 inputs' scales x this once trained (train.recipe)
 
     def __post_init__(self):
         for b in (self.wbits, self.abits):

@@ -119,6 +119,7 @@ def quant_config(a) -> sasq.QuantConfig:
     return dataclasses.replace(cfg, wbits=cfg.wbits if a.fp8 else a.wbits,
                                abits=cfg.abits if a.fp8 else a.abits,
                                smooth=cfg.smooth if a.alpha is None else a.alpha,
+                               headroom=cfg.headroom if a.headroom is None else a.headroom,
                                truncation=cfg.truncation and not a.no_truncation,
                                rotate=a.seed if a.rotate else None)
 
@@ -158,6 +159,9 @@ def recipe(a, model, train_wins, calib_wins, held, base_fp, comm=None):
         raise SystemExit(f"error: {e}; those scales saved to {a.out}")
     except cli.Stopped as e:
         raise SystemExit(f"stopped: {e}")
+    with torch.no_grad():     # headroom: range, bought with resolution, for text that drives the
+        for q in quantizers:  # w2 inputs further than the calibration text did (docs/deploy.md)
+            q["w2"].log_scale += math.log(cfg.headroom)
     sasq_ppl = heldout_ppl(model, held, a, comm)
     cli.report(a, fp_ppl, ptq_ppl, sasq_ppl, losses, harness, comm)
     if quiet:                          # the scales are identical on every rank
@@ -203,6 +207,8 @@ def parse_args(argv=None):
         "FP8 (e4m3) grid, weights and activations")
     add("--alpha", type=float, default=None, help="split the PTQ init's per-channel scales "
         "SmoothQuant's way with this alpha (sasq.smooth; default: 0.5 with --fp8, none otherwise)")
+    add("--headroom", type=float, default=None, help="multiply the trained w2-input scales by "
+        "this (at least 1): range for text unlike the calibration's (default: the recipe's)")
     add("--no-truncation", action="store_true", help="ablation: no c*tanh(x/c) truncation")
     add("--deployable", action="store_true", help="sasq.RECIPES['deployable']: what "
         "extras/export.py folds into a standard static W8A8 checkpoint")
@@ -269,12 +275,10 @@ def check_args(p, a, argv):
     if data.is_self(a.calib[0]):
         error(f"--calib {a.calib[0]}: held-out windows come from the first --calib; put a text "
               "first")
-    if a.kv_bits is None and (a.kv_format or a.kv_granularity):
-        error("--kv-format and --kv-granularity describe the KV cache's scales: add --kv-bits 8 "
-              "(or 4)")
-    a.kv_format, a.kv_granularity = a.kv_format or "int", a.kv_granularity or "tensor"
-    if a.kv_format == "fp8" and a.kv_bits not in (None, 8):
-        error(f"--kv-format fp8 is 8 bits; got --kv-bits {a.kv_bits}")
+    if a.kv_bits or a.kv_format or a.kv_granularity:
+        from extras import kvquant
+        if problem := kvquant.usage_problem(a):
+            error(problem)
     cli.check_writable(p, a.out, a.force)
     state = a.out + ".state.pt"
     if a.resume and not os.path.exists(state):

@@ -124,7 +124,7 @@ def fill_from_rank0(model, full_state):
     set_model_state_dict(model, full_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def self_windows(model, bos_id, spec, a, comm):
+def self_windows(model, bos_id, openings, spec, a, comm):
     """A self:N source written by the sharded model: every rank writes an equal share (the same number of
     decode steps, so that FSDP's gathers pair up; the batch is the smallest any rank's memory allows), with
     its own seed (rank 0: --seed, so one process writes train.py's text), gathered in rank order."""
@@ -132,7 +132,8 @@ def self_windows(model, bos_id, spec, a, comm):
     share = -(-n // comm.world)
     batch = -comm.max_(torch.tensor([-data.sampler_batch(model, a.seq_len)], device=comm.device)).item()
     mine = data.sample(model, share, a.seq_len, a.seed + 7919 * comm.rank, batch=int(batch), bos_id=bos_id,
-                       progress=comm.rank == 0, graph=False).to(comm.device)
+                       progress=comm.rank == 0, graph=False, openings=openings,
+                       first=share * comm.rank).to(comm.device)
     every = [torch.empty_like(mine) for _ in range(comm.world)]
     dist.all_gather(every, mine)
     return torch.cat(every)[:n].cpu()
@@ -147,10 +148,11 @@ def load(a, comm, device):
         cpu, tok = checkpoints.load_model(a.ckpt, "cpu", dtype)
         data.check_seq_len(cpu, a.seq_len)
         texts = {s: data.token_windows(tok, s, a.seq_len) for s in a.calib if not data.is_self(s)}
-        meta = (cpu.args, texts, tok.bos_id if tok.add_bos else None, checkpoints.fingerprint(cpu))
+        openings = {s: data.opening_ids(tok, data.self_openings(s)) for s in a.calib if data.is_self(s)}
+        meta = (cpu.args, texts, tok.bos_id if tok.add_bos else None, openings, checkpoints.fingerprint(cpu))
         full = cpu.state_dict()
     meta = comm.broadcast(meta if comm.rank == 0 else None)
-    args, texts, bos_id, fp = meta
+    args, texts, bos_id, openings, fp = meta
     with torch.device("meta"):
         model = llama.Transformer(args).to(dtype)
     model.checkpointing = a.checkpointing
@@ -159,7 +161,7 @@ def load(a, comm, device):
     import resource                                       # Linux: ru_maxrss in KiB
     print(f"rank {comm.rank}: peak host memory after loading {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB",
           file=sys.stderr)
-    wins = train.calibration(a, lambda s: self_windows(model, bos_id, s, a, comm) if data.is_self(s) else texts[s])
+    wins = train.calibration(a, lambda s: self_windows(model, bos_id, openings[s], s, a, comm) if data.is_self(s) else texts[s])
     return (model, *wins, fp)
 
 

@@ -29,6 +29,17 @@ FORMATS = ("int", "fp8")
 GRANULARITIES = ("tensor", "head", "token")     # token: the dynamic baseline, a scale per token and head
 
 
+def usage_problem(a) -> str | None:
+    """train.py's KV options, checked before anything loads (None: they are fine); fills in their
+    defaults."""
+    if a.kv_bits is None:
+        return "--kv-format and --kv-granularity describe the KV cache's scales: add --kv-bits 8 (or 4)"
+    a.kv_format, a.kv_granularity = a.kv_format or "int", a.kv_granularity or "tensor"
+    if a.kv_format == "fp8" and a.kv_bits != 8:
+        return f"--kv-format fp8 is 8 bits; got --kv-bits {a.kv_bits}"
+    return None
+
+
 class KVQuantizer(nn.Module):
     """x (B, n_kv, T, head_dim) -> s * grid(x / s), in x's dtype. `pre`: the wo input's ActQuantizer when its
     scale is folded into wv (deployable), so the grid sees v / s_wo as the exported model computes it."""

@@ -37,6 +37,25 @@ def test_self_generated_windows_start_with_bos(tiny_model):
     assert (w[:, 0] == 1).all() and torch.equal(w[:, 2:5], tiny_model(w[:, :-1])[0].argmax(-1)[:, 1:4])
 
 
+def test_self_generated_windows_begin_with_the_openings_round_robin(tiny_model):
+    """Window i begins [BOS,] openings[(first + i) % len] (empty: one random token), then `greedy`
+    argmax tokens, then samples; a rank's share (first=) continues the round robin."""
+    openings = [[], [5, 6, 7], [], [9]]
+    w = data.sample(tiny_model, 6, 16, seed=0, batch=4, bos_id=1, progress=False, openings=openings)
+    argmax = tiny_model(w[:, :-1])[0].argmax(-1)
+    for i, row in enumerate(w):
+        head = [1] + openings[i % 4]
+        given = max(len(head), 2)
+        assert row[:len(head)].tolist() == head
+        assert torch.equal(row[given:given + 3], argmax[i, given - 1:given + 2])
+        assert not torch.equal(row[given + 3:], argmax[i, given + 2:])
+    assert w[0, 1] != w[2, 1]                              # the random first tokens differ
+    for first, head in ((1, [1, 5, 6, 7]), (3, [1, 9])):
+        shifted = data.sample(tiny_model, 1, 16, bos_id=1, progress=False, openings=openings,
+                              first=first)
+        assert shifted[0, :len(head)].tolist() == head
+
+
 def test_decode_steps_equal_the_full_forward(tiny_model):
     """The sampler's step (one token at a device-held position, the whole cache read under a mask)
     gives the logits of one forward over the sequence, at every position (GQA model)."""
@@ -59,12 +78,14 @@ def test_graph_sampler_writes_what_the_eager_one_does(tiny_model):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("spec, n", [("self", 128), ("self:7", 7)])
+@pytest.mark.parametrize("spec, n", [("self", 128), ("self:7", 7), ("self:7:genres", 7)])
 def test_self_spec(spec, n):
     assert data.is_self(spec) and data.parse_self(spec) == n
+    assert data.self_openings(spec) == (data.OPENINGS if spec.endswith("genres") else ("",))
     assert not data.is_self("selfish.txt")
-    with pytest.raises(data.DataError, match="self:N"):
-        data.parse_self("self:0")
+    for bad in ("self:0", "self:7:genre", "self:7:genres:x"):
+        with pytest.raises(data.DataError, match="self:N"):
+            data.parse_self(bad)
 
 
 def test_an_unreachable_dataset_names_the_local_forms(tmp_path):
@@ -116,7 +137,7 @@ def test_self_windows_allocate_no_more_cache_than_the_memory_bound(tiny_model, m
             super().__init__(shape, like)
     monkeypatch.setattr(data, "StepCache", Recording)
     tok = type("Tok", (), {"bos_id": 1, "add_bos": True})()
-    w = data.self_windows(tiny_model, tok, "self:7", 16, progress=False)
+    w = data.self_windows(tiny_model, tok, "self:7", 16, progress=False, openings=("",))
     assert w.shape == (7, 16) and (w[:, 0] == 1).all()
     assert {s[0] for s in shapes} == {3, 1} and max(s[0] for s in shapes) == 3
     assert len(shapes) == 3 * a.n_layers                         # batches of 3, 3, 1: one cache per layer

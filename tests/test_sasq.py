@@ -87,6 +87,29 @@ def test_training_changes_only_scales(tiny_model):
     assert all(p.grad is None for p in tiny_model.parameters())
 
 
+def test_headroom_widens_the_trained_w2_scales_only(tmp_path, capsys):
+    """train.py --headroom F: the same run's saved scales, the w2 inputs' x F, every other one equal."""
+    from conftest import random_meta_state, write_meta
+    write_meta(tmp_path / "tiny", random_meta_state())
+    (tmp_path / "text.txt").write_text("A short line of text for a tiny model. " * 200)
+    runs = {}
+    for f in ("1", "1.5"):
+        out = str(tmp_path / f"s{f}.safetensors")
+        train.main(["--ckpt", str(tmp_path / "tiny"), "--calib", str(tmp_path / "text.txt"),
+                    "--deployable", "--headroom", f, "--steps", "2", "--batch-size", "2",
+                    "--calib-windows", "2", "--heldout", "1", "--seq-len", "64", "--out", out])
+        runs[f] = checkpoints.read_scales(out)
+    assert runs["1.5"][2].headroom == 1.5 and runs["1"][2].headroom == 1.0
+    one, wide = runs["1"][1], runs["1.5"][1]
+    assert one.keys() == wide.keys() and any(k.endswith("w2.log_scale") for k in one)
+    for k in one:
+        factor = 1.5 if k.endswith("w2.log_scale") else 1.0
+        torch.testing.assert_close(wide[k].exp(), one[k].exp() * factor)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--headroom", "0.5", "--out", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and "--headroom must be at least 1" in capsys.readouterr().err
+
+
 def test_save_load_round_trip_and_wrong_model(tiny_model, tmp_path):
     import model
     x = torch.randint(0, 64, (2, 16))
