@@ -1,9 +1,9 @@
 """Trained scales with their w2-input scales widened (train.py --headroom), against
 dynamic W8A8, on the first N windows of each text (fake-quant, fp32; a CPU-sized runs/seeds.sh).
 
-    python runs/headroom.py --texts DIR --windows 8 --factors 1,1.41,2 seed0.safetensors ...
-DIR holds wt2-test.txt, hamlet.txt, licenses.txt, gospels.txt and code.txt, the scored texts as
-plain files.
+    python runs/headroom.py --windows 8 --factors 1,1.41,2 seed0.safetensors ... \
+        --test ../shared/data/wikitext:wikitext-2-raw-v1:test --test hamlet --test ood
+--test takes texts as eval.py does (default: WikiText-2 test from the hub, hamlet, ood).
 """
 import argparse
 import math
@@ -17,22 +17,22 @@ import checkpoints  # noqa: E402
 import data  # noqa: E402
 import sasq  # noqa: E402
 
-TEXTS = ("wt2-test", "hamlet", "licenses", "gospels", "code")
-
 
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scales", nargs="+")
     p.add_argument("--ckpt", default=None)
-    p.add_argument("--texts", default=".texts", help="folder of the five texts (default .texts)")
+    p.add_argument("--test", action="append", help="texts as eval.py takes them (default: "
+                   "WikiText-2 test from the hub, hamlet, ood)")
     p.add_argument("--windows", type=int, default=8, help="windows of 2048 tokens per text")
     p.add_argument("--factors", default="1,1.41,2")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = checkpoints.load_model(a.ckpt, device, torch.float32)
-    texts = {n: data.windows(tok.encode(open(os.path.join(a.texts, n + ".txt")).read()), 2048,
-                             a.windows) for n in TEXTS}
+    specs = [t for s in a.test or [data.TEST, "hamlet", "ood"]
+             for t in (data.OOD if s == "ood" else [s])]
+    texts = {s.rsplit("/", 1)[-1]: data.token_windows(tok, s, 2048, a.windows) for s in specs}
 
     def ppl():
         return [data.perplexity(model, w, 1, device, progress=False) for w in texts.values()]
@@ -40,7 +40,7 @@ def main():
     dyn = ppl()
     sasq.detach(model)
     print(f"{a.windows} windows of 2048 tokens per text; perplexity, and vs dynamic W8A8")
-    print("| scales | headroom | " + " | ".join(TEXTS) + " |\n|---|---|" + "---|" * len(TEXTS))
+    print("| scales | headroom | " + " | ".join(texts) + " |\n|---|---|" + "---|" * len(texts))
     print("| dynamic W8A8 | | " + " | ".join(f"{v:.3f}" for v in dyn) + " |")
     for path in a.scales:
         qs, _ = checkpoints.load_scales(path, model)
