@@ -108,10 +108,10 @@ class QuantConfig:
 
 
 # the named recipes: the paper's (soft truncation, scales per channel); the one an engine can load,
-# whose every scale folds into the weights (no truncation; wo scales tied per GQA group); the same
-# on the FP8 grid, weights and activations (what Hopper GPUs serve)
+# whose every scale folds into the weights (no truncation; wo scales tied per GQA group; headroom
+# at the w2 inputs, docs/deploy.md); the same on the FP8 grid, weights and activations (Hopper's)
 RECIPES = {"paper": QuantConfig(),
-           "deployable": QuantConfig(truncation=False, tied_wo=True),
+           "deployable": QuantConfig(truncation=False, tied_wo=True, headroom=1.41),
            "fp8": QuantConfig(wbits="fp8", abits="fp8", truncation=False, tied_wo=True, smooth=0.5)}
 
 
