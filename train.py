@@ -191,8 +191,9 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--ckpt", default=None, help="checkpoint folder/file, hub id or short name (default: "
         f"{checkpoints.DEFAULT_CKPT}, the embedded GGUF)")
-    add("--calib", action="append", help="training text, SOURCE[:CONFIG[:SPLIT]] or self:N (N "
-        "windows the float model writes); repeat it for a mix; held-out windows come from the "
+    add("--calib", action="append", help="training text, SOURCE[:CONFIG[:SPLIT]] or "
+        "self:N[:genres] (N windows the float model writes); repeat it for a mix; held-out "
+        "windows come from the "
         f"first (default: {' + '.join(CALIB)}, chosen on out-of-domain texts: docs/deploy.md)")
     add("--quick", action="store_true", help="a CPU-sized run on texts inside the installed "
         "wheels: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
