@@ -14,7 +14,7 @@ import sasq
 MINIMUM = {"steps": 1, "batch_size": 1, "calib_windows": 1, "heldout": 1, "save_every": 0,
            "limit": 1, "windows": 1, "reps": 1, "repeat": 1, "greedy": 0, "seq_len": 2,
            "calib_seq_len": 2, "headroom": 1}
-POSITIVE = ("lr", "trunc_mult")      # floats that must be > 0 (and finite)
+POSITIVE = ("lr", "trunc_mult", "headroom")   # floats that must be > 0 (and finite)
 
 
 def grid(text: str):

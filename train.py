@@ -155,7 +155,7 @@ def recipe(a, model, train_wins, calib_wins, held, base_fp, comm=None):
     except cli.NonFinite as e:
         if e.kept is None:
             raise SystemExit(f"error: {e}; nothing saved")
-        save(a.out, {"stopped": str(e)})
+        save(a.out, {"stopped": str(e), "headroom": "not applied"})   # the kept scales, as trained
         raise SystemExit(f"error: {e}; those scales saved to {a.out}")
     except cli.Stopped as e:
         raise SystemExit(f"stopped: {e}")

@@ -137,7 +137,7 @@ def test_self_windows_allocate_no_more_cache_than_the_memory_bound(tiny_model, m
             super().__init__(shape, like)
     monkeypatch.setattr(data, "StepCache", Recording)
     tok = type("Tok", (), {"bos_id": 1, "add_bos": True})()
-    w = data.self_windows(tiny_model, tok, "self:7", 16, progress=False, openings=("",))
+    w = data.self_windows(tiny_model, tok, "self:7", 16, progress=False)
     assert w.shape == (7, 16) and (w[:, 0] == 1).all()
     assert {s[0] for s in shapes} == {3, 1} and max(s[0] for s in shapes) == 3
     assert len(shapes) == 3 * a.n_layers                         # batches of 3, 3, 1: one cache per layer

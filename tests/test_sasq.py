@@ -105,9 +105,10 @@ def test_headroom_widens_the_trained_w2_scales_only(tmp_path, capsys):
     for k in one:
         factor = 1.5 if k.endswith("w2.log_scale") else 1.0
         torch.testing.assert_close(wide[k].exp(), one[k].exp() * factor)
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--headroom", "0.5", "--out", str(tmp_path / "x.safetensors")])
-    assert e.value.code == 2 and "--headroom must be at least 1" in capsys.readouterr().err
+    for bad, msg in (("0.5", "must be at least 1"), ("nan", "must be a positive number")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(["--headroom", bad, "--out", str(tmp_path / "x.safetensors")])
+        assert e.value.code == 2 and f"--headroom {msg}" in capsys.readouterr().err
 
 
 def test_save_load_round_trip_and_wrong_model(tiny_model, tmp_path):
